@@ -1,0 +1,5 @@
+"""The math of each method, pure torch: one file per process, no Lightning."""
+
+from lightning_md4.diffusion.masked import MaskedDiffusion, masked_cross_entropy
+
+__all__ = ["MaskedDiffusion", "masked_cross_entropy"]

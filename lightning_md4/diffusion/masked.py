@@ -1,0 +1,159 @@
+"""MD4: masked diffusion with a scalar schedule (Shi et al. 2024, sections 2-4).
+
+Tokens are ids ``0..V-1``; the mask id is ``V``. The denoiser maps ``(xt [B, N], t [B])`` to logits
+``[B, N, V]`` over the V real tokens: it never predicts the mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_md4.diffusion.noise import stratified_times
+from lightning_md4.sampling import CachedDenoiser, Denoiser, is_time_conditioned, sample_categorical, time_grid
+from lightning_md4.schedules import Schedule
+
+
+def masked_cross_entropy(logits: Tensor, x0: Tensor, mask: Tensor) -> Tensor:
+    """Sum over masked positions of -log softmax(logits)[x0], ``[B]``.
+
+    Computed in at least float32 (float64 logits stay float64) whatever the network's precision.
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    B, N, V = logits.shape
+    ce = F.cross_entropy(logits.reshape(B * N, V).to(dtype), x0.reshape(B * N), reduction="none")
+    return (ce.view(B, N) * mask).sum(-1)
+
+
+class MaskedDiffusion:
+    """The MD4 process: forward masking, the continuous and discrete NELBOs, ancestral sampling.
+
+    Endpoint rule: when the schedule does not reach alpha(0) = 1 and alpha(1) = 0 (clipping, the
+    geometric schedule), ``nelbo`` adds both endpoint terms, each exact for the stated choice of
+    model: the reconstruction term ``N (1 - alpha_0) log V`` (a token still masked at t = 0 is
+    predicted uniformly) and the prior term ``N alpha_1 log V`` (KL to a prior that leaves a token
+    unmasked with probability alpha_1, uniformly). For unclipped linear, cosine and polynomial
+    schedules both are zero.
+    """
+
+    def __init__(self, schedule: Schedule, vocab_size: int) -> None:
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        self.schedule = schedule
+        self.vocab_size = vocab_size
+        self.mask_id = vocab_size
+
+    # -- forward process -------------------------------------------------------------------
+    def forward_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Mask each token of ``x0`` [B, N] independently with probability 1 - alpha(t [B]).
+
+        ``noise``: optional uniforms [B, N] (float64) deciding the masks, for reproducible draws.
+        Returns ``(xt [B, N], mask [B, N] bool)``.
+        """
+        if noise is None:
+            noise = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
+        p_mask = self.schedule.one_minus_alpha(t.double())[:, None]
+        mask = noise < p_mask
+        return torch.where(mask, self.mask_id, x0), mask
+
+    def endpoint_terms(self, seq_len: int) -> float:
+        """Reconstruction plus prior terms in nats per sequence (see the class docstring)."""
+        zero, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+        leak = float(self.schedule.one_minus_alpha(zero)) + float(self.schedule.alpha(one))
+        return seq_len * leak * math.log(self.vocab_size)
+
+    @staticmethod
+    def sample_times(batch: int, device: torch.device, antithetic: bool = True,
+                     generator: torch.Generator | None = None) -> Tensor:
+        """One time per sequence in [0, 1), float64 ``[batch]``; stratified across the batch if antithetic."""
+        if antithetic:
+            u = torch.rand((), dtype=torch.float64, device=device, generator=generator)
+            return stratified_times(u, batch)
+        return torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
+
+    # -- losses ----------------------------------------------------------------------------
+    def nelbo(self, denoiser: Denoiser, x0: Tensor, t: Tensor | None = None, antithetic: bool = True,
+              noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Continuous-time negative ELBO (paper eq. 5), nats per sequence ``[B]``, one t per sequence.
+
+        ``x0``: LongTensor [B, N]; ``t``: optional times [B] in [0, 1]; ``noise``: optional mask
+        uniforms [B, N]. The estimate is unbiased for any fixed denoiser.
+        """
+        if t is None:
+            t = self.sample_times(x0.shape[0], x0.device, antithetic, generator)
+        xt, mask = self.forward_sample(x0, t, noise, generator)
+        ce = masked_cross_entropy(denoiser(xt, t), x0, mask)
+        weight = self.schedule.loss_weight(t.double()).to(ce.dtype)
+        # At t = 0 an unclipped schedule masks nothing and the weight is infinite: the term is 0.
+        loss = torch.where(mask.any(-1), weight * ce, torch.zeros_like(ce))
+        return loss + self.endpoint_terms(x0.shape[1])
+
+    def nelbo_discrete(self, denoiser: Denoiser, x0: Tensor, T: int, t: Tensor | None = None,
+                       antithetic: bool = True, noise: Tensor | None = None,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """T-step discrete-time negative ELBO, nats per sequence ``[B]``, one step per sequence.
+
+        Step i in 1..T is chosen by ``i = floor(t T) + 1`` from a uniform time (stratified like
+        ``nelbo``); the term ``T (alpha_s - alpha_t) / (1 - alpha_t) CE`` with t = i/T, s = (i-1)/T
+        is an unbiased estimate of the sum over all T steps.
+        """
+        if T < 1:
+            raise ValueError(f"T must be >= 1, got {T}")
+        if t is None:
+            t = self.sample_times(x0.shape[0], x0.device, antithetic, generator)
+        i = torch.clamp(torch.floor(t.double() * T) + 1, 1, T)
+        t_i, s_i = i / T, (i - 1) / T
+        xt, mask = self.forward_sample(x0, t_i, noise, generator)
+        ce = masked_cross_entropy(denoiser(xt, t_i), x0, mask)
+        sch = self.schedule
+        weight = T * (sch.alpha(s_i) - sch.alpha(t_i)) / sch.one_minus_alpha(t_i)
+        return weight.to(ce.dtype) * ce + self.endpoint_terms(x0.shape[1])
+
+    # -- sampling --------------------------------------------------------------------------
+    def unmask_probability(self, s: Tensor, t: Tensor) -> Tensor:
+        """Probability that a token masked at time t is revealed by time s < t (float64)."""
+        sch = self.schedule
+        return (sch.alpha(s) - sch.alpha(t)) / sch.one_minus_alpha(t)
+
+    @torch.no_grad()
+    def sample(self, denoiser: Denoiser, shape: tuple[int, int], steps: int, grid: str = "uniform",
+               generator: torch.Generator | None = None, x: Tensor | None = None,
+               device: torch.device | str | None = None, cache: bool | None = None,
+               return_nfe: bool = False) -> Tensor | tuple[Tensor, int]:
+        """Ancestral sampling (paper Alg. 2) from t = 1 to 0 on a ``uniform`` or ``cosine`` grid.
+
+        ``x``: optional LongTensor ``shape`` holding given tokens and ``mask_id`` elsewhere (prompts,
+        infilling); given tokens never change. Draws are made in float64 over masked positions
+        only; tokens still masked at the end take the argmax. ``cache`` (default: when the
+        denoiser declares ``time_conditioned = False``) reuses the network output until a token
+        changes. Returns the tokens ``[B, N]``, and the number of network evaluations if asked.
+        """
+        if x is None:
+            x = torch.full(shape, self.mask_id, dtype=torch.long, device=device)
+        else:
+            if tuple(x.shape) != tuple(shape):
+                raise ValueError(f"conditioning x has shape {tuple(x.shape)}, expected {tuple(shape)}")
+            x = x.clone()
+        reuse = (not is_time_conditioned(denoiser)) if cache is None else cache
+        net = CachedDenoiser(denoiser, reuse)
+        times = time_grid(steps, grid, device=x.device)
+        batch = x.shape[0]
+        for t, s in zip(times[:-1], times[1:]):
+            masked = x == self.mask_id
+            if not masked.any():
+                break
+            logits = net(x, t.expand(batch))
+            reveal = torch.rand(masked.shape, dtype=torch.float64, device=x.device, generator=generator)
+            reveal = masked & (reveal < self.unmask_probability(s, t))
+            if reveal.any():
+                probs = torch.softmax(logits[reveal].double(), dim=-1)
+                x[reveal] = sample_categorical(probs, generator)
+        masked = x == self.mask_id
+        if masked.any():
+            logits = net(x, torch.zeros(batch, dtype=torch.float64, device=x.device))
+            x[masked] = logits[masked].argmax(-1)
+        return (x, net.nfe) if return_nfe else x
