@@ -1,0 +1,220 @@
+"""Shared pieces of the data modules: the base class, token data sets and an eval sampler.
+
+Every data set item is ``{"x0": LongTensor[seq_len], "index": int}``; the default collate turns a
+batch into ``{"x0": [batch, seq_len], "index": [batch]}``. ``index`` is the example's position in
+its split, which the evaluation noise is keyed on, so it must be stable across runs and devices.
+
+Tokens are ``0..vocab_size-1``; the model uses ``vocab_size`` as its mask id, and the rendering
+hooks (:meth:`TokenDataModule.decode`, :meth:`TokenDataModule.to_images`) show any id
+``>= vocab_size`` as a mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+Item = dict[str, Any]
+
+
+class DataError(ValueError):
+    """A data file is missing, corrupt or not what the data module expects."""
+
+
+class UnrepeatedDistributedSampler(DistributedSampler):
+    """Rank ``r`` of ``R`` gets indices ``r, r + R, r + 2R, ...``: every example exactly once.
+
+    Lightning shards evaluation data with a plain ``DistributedSampler``, which pads the shards to
+    equal length by repeating examples, so a few examples would count twice in a validation metric.
+    Lightning's own unrepeated sampler is a private internal, hence this small one. Subclassing
+    ``DistributedSampler`` tells Lightning the loader is already sharded, so it leaves it alone.
+
+    Shards differ in length by at most one example, so ranks may run one batch more or fewer:
+    aggregate metrics at epoch end (e.g. torchmetrics), not with per-step collectives.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        # The parent sized the shards with padding; undo that.
+        self.total_size = len(dataset)
+        self.num_samples = len(range(rank, self.total_size, num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class LazyMemmap:
+    """The slice ``[start, stop)`` of a 1-D ``.npy`` file, memory-mapped on first access.
+
+    Pickling a ``np.memmap`` copies its whole content, which would ship the data to every
+    spawned worker; this object pickles as just a path and reopens the map in each process.
+    """
+
+    def __init__(self, path: Path, start: int, stop: int) -> None:
+        self.path, self.start, self.stop = path, start, stop
+        self._array: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")[self.start : self.stop]
+        return self._array[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}
+
+
+class TokenRows(Dataset):
+    """Fixed examples: row ``i`` of a ``[num_examples, seq_len]`` integer tensor."""
+
+    def __init__(self, rows: Tensor) -> None:
+        self.rows = rows.long()
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __getitem__(self, index: int) -> Item:
+        return {"x0": self.rows[index], "index": index}
+
+
+class TokenChunks(Dataset):
+    """Consecutive non-overlapping ``seq_len`` chunks of a token stream; the remainder is dropped."""
+
+    def __init__(self, tokens: np.ndarray | LazyMemmap, seq_len: int) -> None:
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.seq_len
+
+    def __getitem__(self, index: int) -> Item:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start = index * self.seq_len
+        return {"x0": _to_long(self.tokens[start : start + self.seq_len]), "index": index}
+
+
+class TokenCrops(TokenChunks):
+    """Random ``seq_len`` crops of a token stream, one per chunk's worth of tokens.
+
+    The offset comes from torch's global RNG, which Lightning seeds per worker, so crops differ
+    between workers and epochs but are reproducible under ``seed_everything(workers=True)``.
+    """
+
+    def __getitem__(self, index: int) -> Item:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start = int(torch.randint(len(self.tokens) - self.seq_len + 1, ()))
+        return {"x0": _to_long(self.tokens[start : start + self.seq_len]), "index": index}
+
+
+def _to_long(tokens: np.ndarray) -> Tensor:
+    """A copy of a (possibly memory-mapped, unsigned) token slice as ``LongTensor[seq_len]``."""
+    return torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+
+
+def decode_chars(tokens: Tensor, alphabet: str, mask_char: str) -> list[str]:
+    """Strings for ``tokens`` ``[batch, seq]``, token ``k`` being ``alphabet[k]``.
+
+    Ids ``>= len(alphabet)`` (the mask) become ``mask_char``.
+    """
+    table = np.array([*alphabet, mask_char])
+    ids = tokens.detach().cpu().clamp(max=len(alphabet)).numpy()
+    return ["".join(row) for row in table[ids]]
+
+
+class TokenDataModule(pl.LightningDataModule):
+    """Base for data modules yielding fixed-length integer token batches.
+
+    Subclasses call ``save_hyperparameters()`` (so a checkpoint's ``datamodule_hyper_parameters``
+    rebuild them), make :attr:`vocab_size` and :attr:`seq_len` available right after ``__init__``
+    (the CLI links them into the model before any data is loaded), and implement :meth:`_build`.
+
+    Args:
+        batch_size: training batch size per device.
+        eval_batch_size: validation/test batch size per device; ``None`` means ``batch_size``.
+        num_workers: data loader worker processes.
+    """
+
+    def __init__(self, batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of real tokens ``V``; the model's mask id is ``V``."""
+        raise NotImplementedError
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per example."""
+        raise NotImplementedError
+
+    def _build(self) -> None:
+        """Set ``train_set``, ``val_set`` and ``test_set``."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        # All splits are cheap to build (small or memory-mapped), so build them once for any stage.
+        if self.train_set is None:
+            self._build()
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+    def decode(self, tokens: Tensor) -> list[str] | None:
+        """Text for ``tokens`` ``[batch, seq]``, masks shown visibly; ``None`` if not text."""
+        return None
+
+    def to_images(self, tokens: Tensor) -> Tensor | None:
+        """Images ``[batch, C, H, W]`` in ``[0, 1]`` for ``tokens`` ``[batch, seq]``; ``None`` if not images."""
+        return None
+
+    def _eval_loader(self, dataset: Dataset | None) -> DataLoader:
+        """An unshuffled loader that, under DDP, gives each example to exactly one rank."""
+        world_size, rank = self._world()
+        sampler = UnrepeatedDistributedSampler(dataset, world_size, rank) if world_size > 1 else None
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, drop_last=False, sampler=sampler)
+
+    def _world(self) -> tuple[int, int]:
+        """``(world_size, rank)`` from the attached trainer, else from torch.distributed, else ``(1, 0)``."""
+        if self.trainer is not None:
+            return self.trainer.world_size, self.trainer.global_rank
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def _loader(self, dataset: Dataset | None, batch_size: int, **kwargs: Any) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )

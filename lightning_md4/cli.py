@@ -1,0 +1,118 @@
+"""The ``md4`` command: LightningCLI (fit, validate, test, predict) plus ``md4 sample``.
+
+    md4 fit --config configs/digits.yaml
+    md4 test --config configs/digits.yaml --ckpt_path last
+    md4 sample --ckpt_path runs/digits/checkpoints/last.ckpt --output samples.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from datamodules.base import DataError, TokenDataModule
+from lightning_md4.callbacks import save_samples
+from lightning_md4.modules.base import CheckpointError, DiffusionModule
+from lightning_md4.sampling import GRIDS
+
+
+class MD4CLI(LightningCLI):
+    """LightningCLI with the DataModule's vocabulary and length linked into the model."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.seq_len", "model.init_args.seq_len", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """``trainer.precision: null`` means bf16-mixed on a GPU and 32-bit on the CPU."""
+        trainer_cfg = self.config[self.subcommand].trainer
+        if trainer_cfg.get("precision") is None:
+            trainer_cfg.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+    def before_fit(self) -> None:
+        """Never overwrite an earlier run's checkpoints: a fresh fit needs an empty checkpoint folder."""
+        if self.config_init[self.subcommand].get("ckpt_path") is not None:
+            return
+        for cb in self.trainer.checkpoint_callbacks:
+            dirpath = Path(cb.dirpath) if cb.dirpath else None
+            if dirpath is not None and dirpath.is_dir() and any(dirpath.glob("*.ckpt")):
+                raise CheckpointError(
+                    f"{dirpath} already holds checkpoints of an earlier run; resume it with --ckpt_path last, "
+                    f"or start a new run with --trainer.default_root_dir <new folder>")
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def after_validate(self) -> None:
+        self._report("val")
+
+    def _report(self, stage: str) -> None:
+        metrics = self.trainer.callback_metrics
+        if f"{stage}/nelbo" not in metrics or not self.trainer.is_global_zero:
+            return
+        nats = float(metrics[f"{stage}/nelbo"])
+        name = type(self.model).__name__
+        data = type(self.datamodule).__name__
+        print(f"{name} on {data} {stage}: NELBO {nats:.4f} nats/token = {nats / math.log(2):.4f} "
+              f"bits per dimension (perplexity {math.exp(nats):.3f})")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint, turning every way it can be broken into a clear ``CheckpointError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass --ckpt_path with a .ckpt file of a fit run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]}); use another checkpoint, e.g. last.ckpt") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "_class_path" not in ckpt.get("hyper_parameters", {}):
+        raise CheckpointError(f"checkpoint {path} was not written by `md4 fit` (no model hyper-parameters)")
+    return ckpt
+
+
+def sample_main(argv: list[str]) -> None:
+    """``md4 sample``: load a checkpoint (EMA weights) and write samples to a PNG grid or text file."""
+    p = argparse.ArgumentParser(prog="md4 sample", description=sample_main.__doc__)
+    p.add_argument("--ckpt_path", required=True, help="checkpoint written by md4 fit (e.g. .../last.ckpt)")
+    p.add_argument("--num_samples", type=int, default=64)
+    p.add_argument("--steps", type=int, default=256, help="number of sampling steps")
+    p.add_argument("--grid", choices=GRIDS, default="cosine", help="time grid of the sampler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", default="samples.png", help="PNG for image data, text file for text data")
+    args = p.parse_args(argv)
+    load_checkpoint(args.ckpt_path)
+    model = DiffusionModule.load_from_checkpoint(args.ckpt_path, map_location=args.device)
+    datamodule = TokenDataModule.load_from_checkpoint(args.ckpt_path)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    tokens, nfe = model.sample(args.num_samples, args.steps, args.grid, generator=generator)
+    out = save_samples(tokens, datamodule, args.output)
+    print(f"wrote {args.num_samples} samples to {out} ({args.steps} steps, {args.grid} grid, {nfe} network evaluations)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in ([], ["-h"], ["--help"]):
+        print("md4 sample --ckpt_path CKPT [--output samples.png]: draw samples from a checkpoint "
+              "(see md4 sample --help)\n")
+    try:
+        if argv[:1] == ["sample"]:
+            sample_main(argv[1:])
+        else:
+            MD4CLI(DiffusionModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                   parser_kwargs={"parser_mode": "omegaconf+"}, save_config_kwargs={"overwrite": True},
+                   args=argv)
+    except (DataError, CheckpointError, FileNotFoundError, FloatingPointError) as err:
+        sys.exit(f"md4: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""LightningModules: a shared base and one thin subclass per method."""
+
+from lightning_md4.modules.base import DiffusionModule, OptimConfig
+from lightning_md4.modules.md4 import MD4
+
+__all__ = ["DiffusionModule", "MD4", "OptimConfig"]

@@ -1,0 +1,188 @@
+"""The LightningModule glue every method shares: network, optimiser, noise, metrics, sampling.
+
+A method subclass provides ``process`` (its math object) and, if its loss differs from
+``process.nelbo``, overrides ``train_nelbo`` / ``eval_nelbo``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from lightning_md4.diffusion.noise import keyed_times, keyed_uniform, stratified_times
+from lightning_md4.nets.transformer import Transformer, TransformerConfig
+
+# Streams of the keyed noise (lightning_md4.diffusion.noise): each use gets its own.
+EVAL_MASK_STREAM, TRAIN_TIME_STREAM = 0, 2
+TRAIN_MASK_STREAM = 1 << 16  # + global step
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that belongs to another model."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr`` over the run's steps."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.03
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.0
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier at optimiser step ``step``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class DiffusionModule(pl.LightningModule):
+    """Shared base of all methods.
+
+    Args:
+        vocab_size: number of real tokens V (linked from the DataModule); the mask id is V.
+        seq_len: tokens per example (linked from the DataModule).
+        network: the transformer's size.
+        optim: optimiser and learning-rate schedule.
+        antithetic: stratify training times over the global batch.
+        seed: key of the training noise (times and masks are a function of seed, step, example).
+        eval_seed: key of the evaluation noise, so validation numbers are comparable across runs.
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, network: TransformerConfig | None = None,
+                 optim: OptimConfig | None = None, antithetic: bool = True, seed: int = 0,
+                 eval_seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        # Plain dicts in the checkpoint (checkpoints load with weights_only=True); dicts accepted back.
+        net_cfg = TransformerConfig(**network) if isinstance(network, dict) else network or TransformerConfig()
+        self.optim_cfg = OptimConfig(**optim) if isinstance(optim, dict) else optim or OptimConfig()
+        self.hparams.network, self.hparams.optim = asdict(net_cfg), asdict(self.optim_cfg)
+        self.net = Transformer(vocab_size, net_cfg)
+        self.metrics = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+
+    @property
+    def process(self) -> Any:
+        raise NotImplementedError
+
+    # -- noise -----------------------------------------------------------------------------
+    def train_noise(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Times ``[B]`` stratified over the global batch and mask uniforms ``[B, N]`` for one step."""
+        x0, index = batch["x0"], batch["index"]
+        B, N = x0.shape
+        step = torch.tensor([self.global_step], device=x0.device)
+        u = keyed_uniform(self.hparams.seed, step, 1, stream=TRAIN_TIME_STREAM)[0, 0]
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if self.hparams.antithetic:
+            t = stratified_times(u, B, offset=rank * B, total=world * B)
+        else:
+            t = keyed_uniform(self.hparams.seed, index, 1, stream=TRAIN_TIME_STREAM + 1)[:, 0]
+        noise = keyed_uniform(self.hparams.seed, index, N, stream=TRAIN_MASK_STREAM + self.global_step)
+        return t, noise
+
+    def eval_noise(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Times and masks keyed by the example index: the same on any number of devices."""
+        index = batch["index"]
+        seed = self.hparams.eval_seed
+        return keyed_times(seed, index), keyed_uniform(seed, index, batch["x0"].shape[1], stream=EVAL_MASK_STREAM)
+
+    # -- losses ----------------------------------------------------------------------------
+    def train_nelbo(self, batch: dict[str, Tensor]) -> Tensor:
+        """Training objective per sequence ``[B]`` (nats); methods with a surrogate override it."""
+        t, noise = self.train_noise(batch)
+        return self.process.nelbo(self.net, batch["x0"], t=t, noise=noise)
+
+    def eval_nelbo(self, batch: dict[str, Tensor]) -> Tensor:
+        """The reported NELBO per sequence ``[B]`` in nats."""
+        t, noise = self.eval_noise(batch)
+        return self.process.nelbo(self.net, batch["x0"], t=t, noise=noise)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        nats_per_token = self.train_nelbo(batch).mean() / batch["x0"].shape[1]
+        self.log("train/nelbo", nats_per_token, prog_bar=True)
+        self.log("train/bpt", nats_per_token / math.log(2))
+        return nats_per_token
+
+    def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
+        nelbo = self.eval_nelbo(batch)
+        if not torch.isfinite(nelbo).all():
+            raise FloatingPointError(f"{stage} NELBO is not finite (NaN or inf) at step {self.global_step}; "
+                                     "lower the learning rate or check the data for out-of-range tokens")
+        self.metrics[stage].update(nelbo / batch["x0"].shape[1])
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _log_epoch(self, stage: str) -> None:
+        nats = self.metrics[stage].compute()  # reduced over all ranks by torchmetrics
+        self.metrics[stage].reset()
+        self.log(f"{stage}/nelbo", nats, prog_bar=True, sync_dist=False)
+        self.log(f"{stage}/bpt", nats / math.log(2), prog_bar=True, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    # -- sampling --------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, num_samples: int, steps: int, grid: str = "uniform",
+               generator: torch.Generator | None = None, x: Tensor | None = None) -> tuple[Tensor, int]:
+        """Draw ``num_samples`` sequences; returns tokens ``[num_samples, seq_len]`` and the NFE."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return self.process.sample(self.net, (num_samples, self.hparams.seq_len), steps, grid=grid,
+                                       generator=generator, x=x, device=self.device, return_nfe=True)
+        finally:
+            self.net.train(was_training)
+
+    # -- optimisation ----------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on matrices only; norms, biases, embeddings and constants are not decayed."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+        return [{"params": decay, "weight_decay": self.optim_cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        opt = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                fused=self.device.type == "cuda")
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, cfg.warmup_steps, total, cfg.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model with an error that names the difference."""
+        theirs = checkpoint.get("hyper_parameters", {})
+        their_net = theirs.get("network") or TransformerConfig()
+        differences = {
+            "model class": (theirs.get("_class_path", type(self).__name__).rsplit(".", 1)[-1], type(self).__name__),
+            "vocab_size": (theirs.get("vocab_size", self.hparams.vocab_size), self.hparams.vocab_size),
+            "seq_len": (theirs.get("seq_len", self.hparams.seq_len), self.hparams.seq_len),
+            "network": (their_net if isinstance(their_net, dict) else asdict(their_net), asdict(self.net.cfg)),
+        }
+        for key, (other, mine) in differences.items():
+            if other != mine:
+                raise CheckpointError(f"checkpoint was made by another model: its {key} is {other!r}, this run's is "
+                                 f"{mine!r}. Pass a checkpoint of this model, or drop ckpt_path to start fresh.")

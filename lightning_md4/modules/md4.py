@@ -1,0 +1,34 @@
+"""MD4: masked diffusion with a fixed scalar schedule."""
+
+from __future__ import annotations
+
+from lightning_md4.diffusion.masked import MaskedDiffusion
+from lightning_md4.modules.base import DiffusionModule, OptimConfig
+from lightning_md4.nets.transformer import TransformerConfig
+from lightning_md4.schedules import make_schedule
+
+
+class MD4(DiffusionModule):
+    """MD4 (Shi et al. 2024): the continuous-time ELBO as a weighted cross-entropy.
+
+    Args:
+        schedule: ``linear``, ``cosine``, ``polynomial`` or ``geometric``.
+        schedule_kwargs: the schedule's parameters, e.g. ``{k: 2.0}`` for polynomial,
+            ``{clip_eps: 1e-4}`` for the official code's clipping.
+        (the rest: see ``DiffusionModule``)
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, schedule: str = "linear",
+                 schedule_kwargs: dict[str, float] | None = None, network: TransformerConfig | None = None,
+                 optim: OptimConfig | None = None, antithetic: bool = True, seed: int = 0,
+                 eval_seed: int = 0) -> None:
+        super().__init__(vocab_size, seq_len, network, optim, antithetic, seed, eval_seed)
+        try:
+            sch = make_schedule(schedule, **(schedule_kwargs or {}))
+        except TypeError as err:
+            raise ValueError(f"bad schedule_kwargs {schedule_kwargs} for schedule {schedule!r}: {err}") from None
+        self._process = MaskedDiffusion(sch, vocab_size)
+
+    @property
+    def process(self) -> MaskedDiffusion:
+        return self._process

@@ -1,0 +1,155 @@
+"""Bidirectional transformer denoiser: rotary positions, adaLN-Zero time conditioning, GLU MLP, SDPA.
+
+Input tokens ``[B, N]`` with ids ``0..V`` (``V`` is the mask), times ``[B]``; output logits
+``[B, N, V]`` over the real tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class TransformerConfig:
+    """Network size. The paper's text8/OWT model is 12 layers, d_model 768, 12 heads."""
+
+    n_layers: int = 12
+    d_model: int = 768
+    n_heads: int = 12
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    time_conditioning: bool = True
+    d_cond: int = 128
+    rope_base: float = 10000.0
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding ``[B, dim]`` of times ``t`` in [0, 1] (scaled by 1000 so the
+    frequencies resolve small differences in t)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables, cached per sequence length."""
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+        angles = torch.outer(pos, self.inv_freq.to(device))  # [N, head_dim / 2]
+        return angles.cos()[None, None], angles.sin()[None, None]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x1, x2) of the last dim of ``x`` [B, H, N, D] by the position angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    """Pre-norm attention + GLU MLP, each modulated (shift, scale, gate) by the conditioning vector."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False)
+        hidden = int(cfg.mlp_ratio * d * 2 / 3)  # GLU: two input projections, same parameter count
+        self.mlp_in = nn.Linear(d, 2 * hidden, bias=False)
+        self.mlp_out = nn.Linear(hidden, d, bias=False)
+        self.dropout = cfg.dropout
+        self.ada = nn.Linear(cfg.d_cond, 6 * d)
+        nn.init.zeros_(self.ada.weight)  # adaLN-Zero: every block starts as the identity
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, N, d = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        q, k, v = self.qkv(h).view(B, N, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        p = self.dropout if self.training else 0.0
+        h = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, N, d)
+        x = x + gate1[:, None] * F.dropout(self.attn_out(h), p, self.training)
+        h = modulate(self.norm2(x), shift2, scale2)
+        a, b = self.mlp_in(h).chunk(2, dim=-1)
+        x = x + gate2[:, None] * F.dropout(self.mlp_out(F.silu(a) * b), p, self.training)
+        return x
+
+
+class Transformer(nn.Module):
+    """The denoiser: ``forward(xt [B, N], t [B]) -> logits [B, N, V]``.
+
+    With ``time_conditioning=False`` the conditioning vector is a learned constant, the network
+    ignores t, and ``time_conditioned`` tells samplers they may cache its output.
+    """
+
+    def __init__(self, vocab_size: int, cfg: TransformerConfig) -> None:
+        super().__init__()
+        if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
+            raise ValueError(f"d_model {cfg.d_model} must split into {cfg.n_heads} heads of even size")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.time_conditioned = cfg.time_conditioning
+        self.embed = nn.Embedding(vocab_size + 1, cfg.d_model)  # + the mask token
+        if cfg.time_conditioning:
+            self.cond = nn.Sequential(nn.Linear(cfg.d_cond, cfg.d_cond), nn.SiLU(), nn.Linear(cfg.d_cond, cfg.d_cond))
+        else:
+            self.cond_const = nn.Parameter(torch.zeros(cfg.d_cond))
+        self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_base)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_out = nn.LayerNorm(cfg.d_model, elementwise_affine=False)
+        self.ada_out = nn.Linear(cfg.d_cond, 2 * cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, vocab_size)
+        self.drop = nn.Dropout(cfg.dropout)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.weight.requires_grad:
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.ada.weight)
+            nn.init.zeros_(block.ada.bias)
+        nn.init.zeros_(self.ada_out.weight)
+        nn.init.zeros_(self.ada_out.bias)
+
+    def conditioning(self, t: Tensor) -> Tensor:
+        if self.time_conditioned:
+            return F.silu(self.cond(timestep_embedding(t, self.cfg.d_cond)))
+        return F.silu(self.cond_const).expand(t.shape[0], -1)
+
+    def forward(self, xt: Tensor, t: Tensor) -> Tensor:
+        B, N = xt.shape
+        c = self.conditioning(t).to(self.embed.weight.dtype)
+        cos, sin = self.rotary(N, xt.device)
+        x = self.drop(self.embed(xt))
+        for block in self.blocks:
+            x = block(x, c, cos, sin)
+        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        return self.head(modulate(self.norm_out(x), shift, scale))
+
+    def num_params(self, exclude_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embedding else n
