@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.base import DataError, TokenDataModule
@@ -99,6 +100,9 @@ def sample_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Configs write ${trainer.default_root_dir}; omegaconf+ resolves it after command-line overrides.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv in ([], ["-h"], ["--help"]):
         print("md4 sample --ckpt_path CKPT [--output samples.png]: draw samples from a checkpoint "
@@ -108,11 +112,17 @@ def main(argv: list[str] | None = None) -> None:
             sample_main(argv[1:])
         else:
             MD4CLI(DiffusionModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   parser_kwargs={"parser_mode": "omegaconf+"}, save_config_kwargs={"overwrite": True},
-                   args=argv)
+                   parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False}, save_config_kwargs={"overwrite": True},
+                   args=None if from_command_line else argv)
+    except ArgumentError as err:
+        sys.exit(f"md4: error: {config_error_line(str(err))} (md4 {' '.join(argv[:1])} --help lists the options)")
     except (DataError, CheckpointError, FileNotFoundError, FloatingPointError) as err:
         sys.exit(f"md4: error: {err}")
 
 
-if __name__ == "__main__":
-    main()
+def config_error_line(message: str) -> str:
+    """The informative part of a jsonargparse error, which nests the cause under union subtypes."""
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip()]
+    causes = ("not accepted", "not expected", "does not exist", "No such file", "Expected a", "Unable to")
+    specific = next((line for line in lines[1:] if any(c in line for c in causes) and "NoneType" not in line), "")
+    return f"{lines[0]} {specific}".strip() if lines else message

@@ -1,0 +1,15 @@
+"""Lightning data modules yielding fixed-length integer token batches ``{"x0": [batch, seq], "index": [batch]}``."""
+
+from datamodules.base import DataError, TokenDataModule, UnrepeatedDistributedSampler
+from datamodules.chars import CharDataModule
+from datamodules.digits import DigitsDataModule
+from datamodules.text8 import Text8DataModule
+
+__all__ = [
+    "CharDataModule",
+    "DataError",
+    "DigitsDataModule",
+    "Text8DataModule",
+    "TokenDataModule",
+    "UnrepeatedDistributedSampler",
+]
