@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ class MD4CLI(LightningCLI):
         nats = float(metrics[f"{stage}/nelbo"])
         name = type(self.model).__name__
         data = type(self.datamodule).__name__
-        print(f"{name} on {data} {stage}: NELBO {nats:.4f} nats/token = {nats / math.log(2):.4f} "
+        print(f"{name} on {data} {stage}: NELBO {nats:.6f} nats/token = {nats / math.log(2):.6f} "
               f"bits per dimension (perplexity {math.exp(nats):.3f})")
 
 
@@ -79,6 +80,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def resolve_class(class_path: str, base: type) -> type:
+    """The class a checkpoint names, which must be a subclass of ``base`` (Lightning's loader on the
+    base class would drop the subclass name and build the base)."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        raise CheckpointError(f"checkpoint names class {class_path!r}, which cannot be imported") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise CheckpointError(f"checkpoint names class {class_path!r}, which is not a {base.__name__}")
+    return cls
+
+
+def check_ckpt_argument(argv: list[str]) -> None:
+    """Validate a ``--ckpt_path FILE`` before LightningCLI reads it (it would fail with a traceback)."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--ckpt_path" and i + 1 < len(argv) else None
+        if arg.startswith("--ckpt_path="):
+            value = arg.split("=", 1)[1]
+        if value is not None and value not in ("last", "best", "null") and argv[:1] != ["sample"]:
+            load_checkpoint(value)
+
+
 def sample_main(argv: list[str]) -> None:
     """``md4 sample``: load a checkpoint (EMA weights) and write samples to a PNG grid or text file."""
     p = argparse.ArgumentParser(prog="md4 sample", description=sample_main.__doc__)
@@ -90,9 +114,11 @@ def sample_main(argv: list[str]) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="samples.png", help="PNG for image data, text file for text data")
     args = p.parse_args(argv)
-    load_checkpoint(args.ckpt_path)
-    model = DiffusionModule.load_from_checkpoint(args.ckpt_path, map_location=args.device)
-    datamodule = TokenDataModule.load_from_checkpoint(args.ckpt_path)
+    ckpt = load_checkpoint(args.ckpt_path)
+    model_cls = resolve_class(ckpt["hyper_parameters"]["_class_path"], DiffusionModule)
+    model = model_cls.load_from_checkpoint(args.ckpt_path, map_location=args.device)
+    data_cls = resolve_class(ckpt.get("datamodule_hyper_parameters", {}).get("_class_path", ""), TokenDataModule)
+    datamodule = data_cls.load_from_checkpoint(args.ckpt_path)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     tokens, nfe = model.sample(args.num_samples, args.steps, args.grid, generator=generator)
     out = save_samples(tokens, datamodule, args.output)
@@ -108,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         print("md4 sample --ckpt_path CKPT [--output samples.png]: draw samples from a checkpoint "
               "(see md4 sample --help)\n")
     try:
+        check_ckpt_argument(argv)
         if argv[:1] == ["sample"]:
             sample_main(argv[1:])
         else:
@@ -116,8 +143,24 @@ def main(argv: list[str] | None = None) -> None:
                    args=None if from_command_line else argv)
     except ArgumentError as err:
         sys.exit(f"md4: error: {config_error_line(str(err))} (md4 {' '.join(argv[:1])} --help lists the options)")
-    except (DataError, CheckpointError, FileNotFoundError, FloatingPointError) as err:
-        sys.exit(f"md4: error: {err}")
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        sys.exit(f"md4: error: {cause}")
+
+
+USER_ERRORS = (DataError, CheckpointError, FileNotFoundError, FloatingPointError)
+
+
+def user_error(err: BaseException | None) -> BaseException | None:
+    """The bad-input error behind ``err``, if any: jsonargparse wraps errors raised while it
+    instantiates the model and data, so look along the chain of causes."""
+    while err is not None:
+        if isinstance(err, USER_ERRORS):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def config_error_line(message: str) -> str:
@@ -126,3 +169,7 @@ def config_error_line(message: str) -> str:
     causes = ("not accepted", "not expected", "does not exist", "No such file", "Expected a", "Unable to")
     specific = next((line for line in lines[1:] if any(c in line for c in causes) and "NoneType" not in line), "")
     return f"{lines[0]} {specific}".strip() if lines else message
+
+
+if __name__ == "__main__":
+    main()
