@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import signal
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +118,37 @@ def test_fresh_fit_never_overwrites_an_earlier_runs_checkpoints(trained):
         cwd=trained.parent, check=False)
     assert proc.returncode != 0 and "--ckpt_path last" in proc.stderr.strip().splitlines()[-1]
     assert digest(last) == before
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lightning_md4.cli", "fit", "--config", DIGITS, f"--trainer.default_root_dir={run}",
+           "--trainer.max_steps=100000", "--trainer.val_check_interval=5", "--trainer.limit_val_batches=1",
+           "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=16", *TINY_NET]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    step = 0
+    try:
+        while step < 10 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                step = torch.load(last, weights_only=True)["global_step"]
+            except Exception:  # not written yet, or caught mid-write
+                continue
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert step >= 10
+    saved = torch.load(last, weights_only=True)
+    step = saved["global_step"]
+    out = md4("fit", "--config", DIGITS, f"--trainer.default_root_dir={run}", f"--trainer.max_steps={step + 5}",
+              "--trainer.val_check_interval=5", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+              "--data.init_args.batch_size=16", *TINY_NET, "--ckpt_path", "last", cwd=tmp_path)
+    assert "Restoring states from the checkpoint" in out.stderr + out.stdout
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == step + 5
+    # The optimiser and the EMA carried on rather than restarting.
+    adam_steps = {int(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {step + 5}
+    assert "current_model_state" in resumed and "averaging_state" in resumed
