@@ -137,7 +137,7 @@ class Transformer(nn.Module):
 
     def conditioning(self, t: Tensor) -> Tensor:
         if self.time_conditioned:
-            return F.silu(self.cond(timestep_embedding(t, self.cfg.d_cond)))
+            return F.silu(self.cond(timestep_embedding(t, self.cfg.d_cond).to(self.embed.weight.dtype)))
         return F.silu(self.cond_const).expand(t.shape[0], -1)
 
     def forward(self, xt: Tensor, t: Tensor) -> Tensor:
