@@ -67,6 +67,11 @@ class MaskedDiffusion:
         return seq_len * leak * math.log(self.vocab_size)
 
     @staticmethod
+    def time_from_uniform(u: Tensor) -> Tensor:
+        """Times are uniform on [0, 1]: the identity (methods with a time range map u into it)."""
+        return u
+
+    @staticmethod
     def sample_times(batch: int, device: torch.device, antithetic: bool = True,
                      generator: torch.Generator | None = None) -> Tensor:
         """One time per sequence in [0, 1), float64 ``[batch]``; stratified across the batch if antithetic."""

@@ -1,6 +1,7 @@
 """LightningModules: a shared base and one thin subclass per method."""
 
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
+from lightning_md4.modules.genmd4 import GenMD4
 from lightning_md4.modules.md4 import MD4
 
-__all__ = ["DiffusionModule", "MD4", "OptimConfig"]
+__all__ = ["DiffusionModule", "GenMD4", "MD4", "OptimConfig"]

@@ -1,7 +1,7 @@
 """The LightningModule glue every method shares: network, optimiser, noise, metrics, sampling.
 
-A method subclass provides ``process`` (its math object) and, if its loss differs from
-``process.nelbo``, overrides ``train_nelbo`` / ``eval_nelbo``.
+A method subclass provides ``process`` (its math object) and, if its training objective differs
+from ``process.nelbo``, overrides ``train_objective``.
 """
 
 from __future__ import annotations
@@ -76,31 +76,38 @@ class DiffusionModule(pl.LightningModule):
         raise NotImplementedError
 
     # -- noise -----------------------------------------------------------------------------
-    def train_noise(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Times ``[B]`` stratified over the global batch and mask uniforms ``[B, N]`` for one step."""
+    def train_noise(self, batch: dict[str, Tensor], draw: int = 0) -> tuple[Tensor, Tensor]:
+        """Times ``[B]`` stratified over the global batch and mask uniforms ``[B, N]`` for one step.
+
+        ``draw`` picks independent masks for methods that noise each sequence more than once;
+        the times are the same for every draw.
+        """
         x0, index = batch["x0"], batch["index"]
         B, N = x0.shape
         step = torch.tensor([self.global_step], device=x0.device)
         u = keyed_uniform(self.hparams.seed, step, 1, stream=TRAIN_TIME_STREAM)[0, 0]
         world, rank = self.trainer.world_size, self.trainer.global_rank
         if self.hparams.antithetic:
-            t = stratified_times(u, B, offset=rank * B, total=world * B)
+            u = stratified_times(u, B, offset=rank * B, total=world * B)
         else:
-            t = keyed_uniform(self.hparams.seed, index, 1, stream=TRAIN_TIME_STREAM + 1)[:, 0]
-        noise = keyed_uniform(self.hparams.seed, index, N, stream=TRAIN_MASK_STREAM + self.global_step)
-        return t, noise
+            u = keyed_uniform(self.hparams.seed, index, 1, stream=TRAIN_TIME_STREAM + 1 + self.global_step)[:, 0]
+        noise = keyed_uniform(self.hparams.seed, index, N, stream=TRAIN_MASK_STREAM + 2 * self.global_step + draw)
+        return self.process.time_from_uniform(u), noise
 
     def eval_noise(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Times and masks keyed by the example index: the same on any number of devices."""
         index = batch["index"]
         seed = self.hparams.eval_seed
-        return keyed_times(seed, index), keyed_uniform(seed, index, batch["x0"].shape[1], stream=EVAL_MASK_STREAM)
+        t = self.process.time_from_uniform(keyed_times(seed, index))
+        return t, keyed_uniform(seed, index, batch["x0"].shape[1], stream=EVAL_MASK_STREAM)
 
     # -- losses ----------------------------------------------------------------------------
-    def train_nelbo(self, batch: dict[str, Tensor]) -> Tensor:
-        """Training objective per sequence ``[B]`` (nats); methods with a surrogate override it."""
+    def train_objective(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(objective, nelbo)`` per sequence ``[B]``: what to differentiate, and what to report
+        (they differ for methods with a surrogate loss)."""
         t, noise = self.train_noise(batch)
-        return self.process.nelbo(self.net, batch["x0"], t=t, noise=noise)
+        nelbo = self.process.nelbo(self.net, batch["x0"], t=t, noise=noise)
+        return nelbo, nelbo.detach()
 
     def eval_nelbo(self, batch: dict[str, Tensor]) -> Tensor:
         """The reported NELBO per sequence ``[B]`` in nats."""
@@ -108,10 +115,12 @@ class DiffusionModule(pl.LightningModule):
         return self.process.nelbo(self.net, batch["x0"], t=t, noise=noise)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        nats_per_token = self.train_nelbo(batch).mean() / batch["x0"].shape[1]
+        objective, nelbo = self.train_objective(batch)
+        seq_len = batch["x0"].shape[1]
+        nats_per_token = nelbo.mean() / seq_len
         self.log("train/nelbo", nats_per_token, prog_bar=True)
         self.log("train/bpt", nats_per_token / math.log(2))
-        return nats_per_token
+        return objective.mean() / seq_len
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
         nelbo = self.eval_nelbo(batch)
