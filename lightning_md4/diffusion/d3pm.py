@@ -1,0 +1,421 @@
+"""D3PM: discrete-time diffusion with an absorbing or a uniform kernel (Austin et al. 2021).
+
+The baseline of MD4 (Shi et al. 2024, reference.md section 4), written from the math in our own
+notation. Real tokens are ``0..V-1``.
+
+Kernels, one step ``t = 1..T`` (``pi`` is the stationary law, ``K`` the number of states)::
+
+    Q_t = (1 - beta_t) I + beta_t 1 pi^T          Qbar_t = Q_1 ... Q_t = abar_t I + (1 - abar_t) 1 pi^T
+
+* ``absorb``: ``K = V + 1`` states, ``pi = e_m`` with mask id ``m = V``.
+* ``uniform``: ``K = V`` states, ``pi = 1 / V``.
+
+Schedules (``abar_0 = 1``, ``abar_T = 0`` for both, so the prior KL term is exactly 0):
+
+* ``linear`` (default, both kernels): ``beta_t = 1 / (T - t + 1)``, hence ``abar_t = 1 - t / T``
+  (D3PM's absorbing schedule; with the absorbing kernel it is MD4's linear schedule at T steps).
+* ``cosine``: ``abar_t = f(t) / f(0)``, ``f(t) = cos((t/T + 0.008) / 1.008 * pi/2)``, ``abar_T``
+  set to 0 (the D3PM uniform runs used this cosine/Nichol schedule; we do not clip beta).
+
+Skipping steps uses ``Q_{t|s} = Q_{s+1} ... Q_t = (abar_t / abar_s) I + (1 - abar_t / abar_s) 1 pi^T``.
+
+x0-parameterisation (paper eqs. 4-5), for every t in 1..T including t = 1::
+
+    p(x_{t-1} = j | x_t = k)  propto  sum_i q(x_{t-1} = j, x_t = k | x0 = i) p~(x0 = i | x_t)
+                              =  Q_t[j, k] (p~ Qbar_{t-1})[j]
+
+and ``q(x_{t-1} | x_t, x0)`` is the same formula with ``p~`` the one-hot of x0. At t = 1 this
+gives the reconstruction term ``-log p(x0 | x1)`` (the reference code instead uses p~ itself at
+t = 1; the two agree at masked positions whenever p~ gives the mask zero probability).
+
+The network is MD4's: ``denoiser(xt [B, N], t [B]) -> logits [B, N, C]`` with the continuous time
+``t / T`` in [0, 1] as input. With ``C = V + 1`` (absorb only) p~ is Austin's softmax over the
+whole vocabulary, mask included. With ``C = V`` (the suite's transformer) the mask logit is taken
+as -inf: MD4's choice of never predicting the mask. With that choice and the linear schedule the
+T-step bound L_vb of the absorbing kernel equals MD4's discrete-time NELBO term by term.
+
+Numerics: the network output is upcast to at least float32 and all the transition math runs in
+log space (log-sum-exp mixtures, guarded so that ``log 0`` entries neither produce NaN values nor
+NaN gradients) at every t in 1..T and for bf16 network outputs. ``log_eps`` instead reproduces the
+reference code's ``log(probs + eps)`` formulation, computed in the network output's own dtype
+(as a reference run under half precision would): with ``eps = 1e-20`` a float16 output gives NaN
+(1e-20 rounds to 0 and ``0 * log 0`` appears) and a bf16 output gives large errors (1 - beta_t
+rounds to 1 for small beta). That path is there to show the instability the MD4 paper reports,
+not for training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_md4.diffusion.noise import stratified_times
+from lightning_md4.sampling import CachedDenoiser, Denoiser, is_time_conditioned, sample_categorical
+
+KINDS = ("absorb", "uniform")
+SCHEDULES = ("linear", "cosine")
+
+
+def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """``log(exp(a) + exp(b))`` that returns -inf, with zero gradients, where both are -inf.
+
+    ``torch.logaddexp(-inf, -inf)`` is -inf but its gradient is NaN (``exp(-inf - -inf)``), and a NaN
+    multiplied by a zero upstream gradient is still NaN.
+    """
+    both = torch.isneginf(a) & torch.isneginf(b)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    out = torch.logaddexp(torch.where(both, zero, a), torch.where(both, zero, b))
+    return torch.where(both, torch.full_like(out, -math.inf), out)
+
+
+def _log_normalize(x: Tensor) -> Tensor:
+    """``x - logsumexp(x)`` over the last dim; rows that are all -inf stay -inf (no NaN)."""
+    dead = torch.isneginf(x).all(-1, keepdim=True)
+    safe = torch.where(dead, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    out = safe - torch.logsumexp(safe, -1, keepdim=True)
+    return torch.where(dead, torch.full_like(out, -math.inf), out)
+
+
+def categorical_kl(log_q: Tensor, log_p: Tensor) -> Tensor:
+    """``KL(q || p) = sum_j q_j (log q_j - log p_j)`` over the last dim, with ``0 log 0 = 0``.
+
+    Entries with ``q_j = 0`` are excluded by ``where`` (not by multiplication), so ``log p_j = -inf``
+    there gives neither a NaN value nor a NaN gradient.
+    """
+    keep = ~torch.isneginf(log_q)
+    diff = torch.where(keep, log_q - log_p, torch.zeros((), dtype=log_p.dtype, device=log_p.device))
+    return (log_q.exp() * diff).sum(-1)
+
+
+def _alpha_table(T: int, schedule: str) -> tuple[Tensor, Tensor]:
+    """``(abar_t, 1 - abar_t)`` for t = 0..T, float64 ``[T + 1]``."""
+    t = torch.arange(T + 1, dtype=torch.float64)
+    if schedule == "linear":
+        return (T - t) / T, t / T
+    if schedule == "cosine":
+        f = torch.cos((t / T + 0.008) / 1.008 * (math.pi / 2))
+        alpha = f / f[0]
+        alpha[0], alpha[T] = 1.0, 0.0
+        return alpha, 1.0 - alpha
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+
+
+class DiscreteDiffusion:
+    """The D3PM process: forward noising, the T-step bound L_vb, the hybrid loss, ancestral sampling.
+
+    ``vocab_size``: V real tokens; ``T``: number of steps; ``kind``: ``absorb`` or ``uniform``;
+    ``hybrid_lambda``: weight of the x0 cross-entropy in ``loss`` (paper: 0.01 text, 0.001
+    CIFAR-10); ``log_eps``: None (stable log-space math) or the reference code's epsilon (see the
+    module docstring); ``schedule``: ``linear`` or ``cosine``; ``dtype``: the least precision of
+    the posterior math (the network output is upcast to it; float64 outputs stay float64).
+    float32 is enough for training; each KL term carries an absolute rounding error of order
+    1e-7 per position, which ``T`` multiplies, so for exact evaluation at large T (the uniform
+    kernel especially, whose late terms are tiny differences) pass ``torch.float64``.
+
+    Units: every loss is in nats per sequence (summed over positions), like ``MaskedDiffusion``.
+    Times: integer steps ``t_index`` in 1..T inside; the network sees ``t_index / T``.
+    """
+
+    def __init__(self, vocab_size: int, T: int = 1000, kind: str = "absorb", hybrid_lambda: float = 0.01,
+                 log_eps: float | None = None, schedule: str = "linear",
+                 dtype: torch.dtype = torch.float32) -> None:
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        if T < 1:
+            raise ValueError(f"T must be >= 1, got {T}")
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+        if hybrid_lambda < 0:
+            raise ValueError(f"hybrid_lambda must be >= 0, got {hybrid_lambda}")
+        if log_eps is not None and not log_eps > 0:
+            raise ValueError(f"log_eps must be None or > 0, got {log_eps}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.vocab_size, self.T, self.kind = vocab_size, T, kind
+        self.hybrid_lambda, self.log_eps, self.schedule = hybrid_lambda, log_eps, schedule
+        self.dtype = dtype
+        self.alphas, self.one_minus_alphas = _alpha_table(T, schedule)
+        if kind == "absorb":
+            self.num_states = vocab_size + 1
+            self.mask_id: int | None = vocab_size
+            self.pi = F.one_hot(torch.tensor(vocab_size), vocab_size + 1).double()
+        else:
+            self.num_states = vocab_size
+            self.mask_id = None
+            self.pi = torch.full((vocab_size,), 1.0 / vocab_size, dtype=torch.float64)
+        self.log_pi = self.pi.log()
+        # Marks the positions to generate in ``sample(x=...)``: the mask id for ``absorb``; for
+        # ``uniform`` (which has no mask state) the same value V, never fed to the network.
+        self.generate_id = vocab_size
+
+    # -- schedule --------------------------------------------------------------------------
+    def alpha(self, t_index: Tensor) -> Tensor:
+        """``abar_t``: probability that a token is untouched after t steps, float64, t in 0..T."""
+        return self.alphas.to(t_index.device)[t_index.long()]
+
+    def one_minus_alpha(self, t_index: Tensor) -> Tensor:
+        return self.one_minus_alphas.to(t_index.device)[t_index.long()]
+
+    def beta(self, t_index: Tensor) -> Tensor:
+        """``beta_t = 1 - abar_t / abar_{t-1}``, t in 1..T (``1 / (T - t + 1)`` for ``linear``)."""
+        a_t, a_s = self.alpha(t_index), self.alpha(t_index - 1)
+        return (a_s - a_t) / a_s
+
+    # -- forward process -------------------------------------------------------------------
+    def forward_sample(self, x0: Tensor, t_index: Tensor, noise: Tensor | None = None,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Draw ``xt ~ q(x_t | x0) = abar_t delta_x0 + (1 - abar_t) pi`` per token.
+
+        ``x0``: LongTensor [B, N]; ``t_index``: LongTensor [B] in 0..T; ``noise``: optional uniforms
+        [B, N] (float64). A token is noised where ``noise < 1 - abar_t`` (MD4's convention): it becomes
+        the mask (``absorb``) or the token ``floor(V noise / (1 - abar_t))`` (``uniform``; the same
+        uniform, rescaled, is uniform on [0, 1)). Returns ``(xt, noised [B, N] bool)``.
+        """
+        if noise is None:
+            noise = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
+        p = self.one_minus_alpha(t_index)[:, None]
+        noised = noise < p
+        if self.kind == "absorb":
+            return torch.where(noised, self.mask_id, x0), noised
+        token = torch.floor(noise / torch.where(p > 0, p, 1.0) * self.vocab_size).long()
+        return torch.where(noised, token.clamp_(0, self.vocab_size - 1), x0), noised
+
+    def prior_kl(self, x0: Tensor) -> Tensor:
+        """``sum_n KL(q(x_T | x0[n]) || pi)`` in nats, float64 ``[B]``; 0 here since abar_T = 0."""
+        a = float(self.alphas[-1])
+        if a == 0.0:
+            kl = 0.0
+        elif self.kind == "absorb":
+            kl = math.inf
+        else:
+            V = self.vocab_size
+            q_own = a + (1.0 - a) / V
+            kl = q_own * math.log(q_own * V) + (V - 1) * (1.0 - a) / V * math.log1p(-a)
+        return torch.full((x0.shape[0],), x0.shape[1] * kl, dtype=torch.float64, device=x0.device)
+
+    # -- posteriors ------------------------------------------------------------------------
+    def x0_log_probs(self, logits: Tensor) -> Tensor:
+        """log p~(x0 | x_t) over the K states, in at least ``self.dtype``, ``[..., K]``.
+
+        ``logits [..., V]``: for ``absorb`` the mask gets log-probability -inf (MD4: never predict the
+        mask). ``logits [..., V + 1]`` (``absorb`` only): Austin's softmax over the full vocabulary.
+        """
+        dtype = torch.promote_types(logits.dtype, self.dtype)
+        logp = torch.log_softmax(logits.to(dtype), dim=-1)
+        C = logits.shape[-1]
+        if C == self.num_states:
+            return logp
+        if self.kind == "absorb" and C == self.vocab_size:
+            never = torch.full((*logp.shape[:-1], 1), -math.inf, dtype=dtype, device=logp.device)
+            return torch.cat([logp, never], dim=-1)
+        allowed = (self.vocab_size, self.vocab_size + 1) if self.kind == "absorb" else (self.vocab_size,)
+        raise ValueError(f"denoiser returned {C} logits per position; expected one of {allowed}")
+
+    def _time_factor(self, t: Tensor, s: Tensor | None, ndim: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(abar_t / abar_s, abar_s, 1 - abar_s)`` in float64, with trailing dims up to ``ndim``."""
+        if s is None:
+            s = t - 1
+        if bool((s < 0).any()) or bool((s >= t).any()) or bool((t > self.T).any()):
+            raise ValueError("need 0 <= s < t <= T")
+        a_t, a_s, abar_s = self.alpha(t), self.alpha(s), self.one_minus_alpha(s)
+        keep = a_t / a_s  # 1 - beta_{t|s}; a_s > 0 for s < T
+        while keep.ndim < ndim:
+            keep, a_s, abar_s = keep[..., None], a_s[..., None], abar_s[..., None]
+        return keep, a_s, abar_s
+
+    def log_posterior(self, log_x0: Tensor, xt: Tensor, t: Tensor, s: Tensor | None = None) -> Tensor:
+        """``log sum_i q(x_s = j, x_t | x0 = i) p0(i)``, normalised over j: ``[..., K]``.
+
+        ``log_x0 [..., K]``: log p0 over the states (a one-hot gives q(x_s | x_t, x0), the network's
+        p~ gives the model p(x_s | x_t)); ``xt`` LongTensor ``[...]``; ``t``, ``s``: LongTensors
+        broadcastable from the left to ``xt`` (e.g. ``[B]`` for ``xt [B, N]``), ``0 <= s < t <= T``,
+        default ``s = t - 1``. Computed in ``log_x0``'s dtype, in log space.
+        """
+        dtype, device = log_x0.dtype, log_x0.device
+        keep, a_s, abar_s = self._time_factor(t, s, xt.ndim)
+        # log (p0 Qbar_s)[j] = log(abar_s p0_j + (1 - abar_s) pi_j)
+        log_pi = self.log_pi.to(device=device, dtype=dtype)
+        mix = _logaddexp(a_s.log()[..., None].to(dtype) + log_x0,
+                         abar_s.log()[..., None].to(dtype) + log_pi)
+        # log Q_{t|s}[j, x_t] = log(keep delta_{j, x_t} + (1 - keep) pi_{x_t}), computed in float64
+        pi_xt = self.pi.to(device)[xt]
+        diag = torch.log(keep + (1.0 - keep) * pi_xt)
+        off = torch.log((1.0 - keep) * pi_xt)
+        onehot = torch.arange(self.num_states, device=device) == xt[..., None]
+        log_q_step = torch.where(onehot, diag[..., None].to(dtype), off[..., None].to(dtype))
+        return _log_normalize(log_q_step + mix)
+
+    def log_q_posterior(self, x0: Tensor, xt: Tensor, t: Tensor, s: Tensor | None = None,
+                        dtype: torch.dtype = torch.float64) -> Tensor:
+        """``log q(x_s | x_t, x0)`` in closed form, ``[..., K]`` (see ``log_posterior``)."""
+        onehot = F.one_hot(x0, self.num_states).bool()
+        log_x0 = torch.where(onehot, 0.0, -math.inf).to(dtype)
+        return self.log_posterior(log_x0, xt, t, s)
+
+    def log_p_posterior(self, logits: Tensor, xt: Tensor, t: Tensor, s: Tensor | None = None) -> Tensor:
+        """``log p(x_s | x_t)`` of the x0-parameterisation from the network's logits, ``[..., K]``."""
+        return self.log_posterior(self.x0_log_probs(logits), xt, t, s)
+
+    # -- losses ----------------------------------------------------------------------------
+    def terms(self, logits: Tensor, x0: Tensor, xt: Tensor, t_index: Tensor) -> tuple[Tensor, Tensor]:
+        """The bound's term at step t and the x0 cross-entropy, both summed over positions, ``[B]``.
+
+        ``kl = sum_n KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))`` (at t = 1 this is the
+        reconstruction ``-log p(x0 | x1)``, q being a point mass); ``ce = sum_n -log p~(x0 | x_t)``
+        over all positions (the D3PM hybrid term).
+        """
+        if self.log_eps is not None:
+            return self._terms_eps(logits, x0, xt, t_index)
+        log_x0 = self.x0_log_probs(logits)
+        log_p = self.log_posterior(log_x0, xt, t_index)
+        log_q = self.log_q_posterior(x0, xt, t_index, dtype=log_p.dtype)
+        kl = categorical_kl(log_q, log_p).sum(-1)
+        ce = -log_x0.gather(-1, x0[..., None])[..., 0].sum(-1)
+        return kl, ce
+
+    def _terms_eps(self, logits: Tensor, x0: Tensor, xt: Tensor, t_index: Tensor) -> tuple[Tensor, Tensor]:
+        """The reference code's formulation: ``log(fact1 + eps) + log(fact2 + eps)`` logits of both
+        posteriors, in the network output's dtype (no upcast), KL between their softmaxes."""
+        dtype, eps = logits.dtype, self.log_eps
+        probs = torch.softmax(logits, dim=-1)
+        logp0 = torch.log_softmax(logits, dim=-1)
+        if logits.shape[-1] != self.num_states:
+            self.x0_log_probs(logits[..., :1, :])  # raises on a bad width
+            probs = torch.cat([probs, torch.zeros_like(probs[..., :1])], dim=-1)
+        keep, a_s, abar_s = self._time_factor(t_index, None, xt.ndim)
+        pi = self.pi.to(logits.device)
+        fact1 = torch.where(torch.arange(self.num_states, device=xt.device) == xt[..., None],
+                            (keep + (1.0 - keep) * pi[xt])[..., None], ((1.0 - keep) * pi[xt])[..., None])
+        fact1 = fact1.to(dtype)
+        a_s, abar_s, pi = a_s[..., None].to(dtype), abar_s[..., None].to(dtype), pi.to(dtype)
+        onehot = F.one_hot(x0, self.num_states).to(dtype)
+        logit_p = torch.log(fact1 + eps) + torch.log(a_s * probs + abar_s * pi + eps)
+        logit_q = torch.log(fact1 + eps) + torch.log(a_s * onehot + abar_s * pi + eps)
+        kl = (torch.softmax(logit_q, -1) * (torch.log_softmax(logit_q, -1) - torch.log_softmax(logit_p, -1))).sum(-1)
+        ce = -logp0.gather(-1, x0[..., None])[..., 0]
+        acc = torch.promote_types(dtype, torch.float32)
+        return kl.to(acc).sum(-1), ce.to(acc).sum(-1)
+
+    def _t_input(self, t_index: Tensor) -> Tensor:
+        return t_index.double() / self.T
+
+    def loss(self, denoiser: Denoiser, x0: Tensor, t_index: Tensor | None = None, noise: Tensor | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        """Training objective, nats per sequence ``[B]``: ``T * kl_t + hybrid_lambda * ce`` (+ prior, 0).
+
+        One step ``t_index`` ~ U{1..T} per example (given or drawn); ``T * kl_t`` is an unbiased
+        estimate of L_vb; ``ce = sum_n -log p~(x0 | x_t)``. With ``hybrid_lambda = 0`` this equals
+        ``nelbo`` at the same step and noise.
+        """
+        if t_index is None:
+            t_index = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device, generator=generator)
+        xt, _ = self.forward_sample(x0, t_index, noise, generator)
+        kl, ce = self.terms(denoiser(xt, self._t_input(t_index)), x0, xt, t_index)
+        return self.T * kl + self.hybrid_lambda * ce + self.prior_kl(x0).to(kl.dtype)
+
+    @staticmethod
+    def sample_times(batch: int, device: torch.device, antithetic: bool = True,
+                     generator: torch.Generator | None = None) -> Tensor:
+        """One time per sequence in [0, 1), float64 ``[batch]``; stratified across the batch if antithetic."""
+        if antithetic:
+            u = torch.rand((), dtype=torch.float64, device=device, generator=generator)
+            return stratified_times(u, batch)
+        return torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
+
+    def step_index(self, t: Tensor) -> Tensor:
+        """Step ``i = floor(t T) + 1`` in 1..T of continuous times t in [0, 1] (MD4's ``nelbo_discrete``)."""
+        return torch.clamp(torch.floor(t.double() * self.T) + 1, 1, self.T).long()
+
+    def nelbo(self, denoiser: Denoiser, x0: Tensor, t: Tensor | None = None, antithetic: bool = True,
+              noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """One-draw unbiased estimate of L_vb, nats per sequence ``[B]``: ``T * kl_i + prior``.
+
+        ``t``: optional times [B] in [0, 1] (stratified across the batch when drawn and
+        ``antithetic``), mapped to the step ``i = floor(t T) + 1``; ``noise``: optional uniforms
+        [B, N] for the forward draw. Same conventions as ``MaskedDiffusion.nelbo``.
+        """
+        if t is None:
+            t = self.sample_times(x0.shape[0], x0.device, antithetic, generator)
+        i = self.step_index(t)
+        xt, _ = self.forward_sample(x0, i, noise, generator)
+        kl, _ = self.terms(denoiser(xt, self._t_input(i)), x0, xt, i)
+        return self.T * kl + self.prior_kl(x0).to(kl.dtype)
+
+    @torch.no_grad()
+    def nelbo_exact(self, denoiser: Denoiser, x0: Tensor, batch_T: int = 1, generator: torch.Generator | None = None,
+                    progress: bool = False) -> Tensor:
+        """L_vb summed over all T steps (D3PM's evaluation), float64 nats per sequence ``[B]``.
+
+        Every step is evaluated (one forward draw of x_t per step and sequence), ``batch_T`` steps per
+        network call (``batch_T * B`` rows); ``progress`` shows a tqdm bar. No gradients.
+        """
+        if batch_T < 1:
+            raise ValueError(f"batch_T must be >= 1, got {batch_T}")
+        B = x0.shape[0]
+        total = self.prior_kl(x0)
+        starts = range(1, self.T + 1, batch_T)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="nelbo_exact", unit="chunk")
+        for start in starts:
+            ts = torch.arange(start, min(start + batch_T, self.T + 1), device=x0.device)
+            t = ts.repeat_interleave(B)
+            xb = x0.repeat(len(ts), 1)
+            xt, _ = self.forward_sample(xb, t, generator=generator)
+            kl, _ = self.terms(denoiser(xt, self._t_input(t)), xb, xt, t)
+            total = total + kl.double().view(len(ts), B).sum(0)
+        return total
+
+    # -- sampling --------------------------------------------------------------------------
+    def step_grid(self, steps: int) -> Tensor:
+        """Decreasing integer steps ``T = t_steps > ... > t_0 = 0``, ``[steps + 1]``."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be in 1..T={self.T}, got {steps}")
+        return torch.linspace(self.T, 0, steps + 1, dtype=torch.float64).round().long()
+
+    @torch.no_grad()
+    def sample(self, denoiser: Denoiser, shape: tuple[int, int], steps: int | None = None,
+               generator: torch.Generator | None = None, x: Tensor | None = None,
+               device: torch.device | str | None = None, return_nfe: bool = False) -> Tensor | tuple[Tensor, int]:
+        """Ancestral sampling from x_T ~ pi down to x_0 with p(x_s | x_t) (s = t - 1 when steps = T).
+
+        ``steps`` (default T) evenly spaced integer steps; fewer steps jump with ``Q_{t|s}``. The
+        last step takes the argmax of p~(x0 | x_t) over the real tokens, as the reference code does.
+        ``x``: optional LongTensor ``shape`` with given tokens and ``generate_id`` (= V) at the
+        positions to generate; given tokens never change (for ``uniform`` this clamping is a
+        heuristic: the true process would noise them too). Draws are float64 inverse-CDF over the
+        positions that can still change (masked ones for ``absorb``). A denoiser declaring
+        ``time_conditioned = False`` has its output reused while the tokens do not change. Returns
+        the tokens ``[B, N]``, and the number of network evaluations if asked.
+        """
+        steps = self.T if steps is None else steps
+        times = self.step_grid(steps)
+        V = self.vocab_size
+        if x is None:
+            x = torch.full(shape, self.generate_id, dtype=torch.long, device=device)
+        else:
+            if tuple(x.shape) != tuple(shape):
+                raise ValueError(f"conditioning x has shape {tuple(x.shape)}, expected {tuple(shape)}")
+            x = x.clone()
+        free = x == self.generate_id
+        if self.kind == "uniform":
+            x[free] = torch.randint(0, V, (int(free.sum()),), device=x.device, generator=generator)
+        net = CachedDenoiser(denoiser, not is_time_conditioned(denoiser))
+        batch = x.shape[0]
+        for t, s in zip(times[:-1].tolist(), times[1:].tolist()):
+            active = free & (x == self.mask_id) if self.kind == "absorb" else free
+            if not active.any():
+                break
+            logits = net(x, torch.full((batch,), t / self.T, dtype=torch.float64, device=x.device))
+            log_x0 = self.x0_log_probs(logits[active])
+            if s == 0:
+                x[active] = log_x0[:, :V].argmax(-1)
+                break
+            t_, s_ = (torch.full((log_x0.shape[0],), v, dtype=torch.long, device=x.device) for v in (t, s))
+            log_p = self.log_posterior(log_x0, x[active], t_, s_)
+            x[active] = sample_categorical(log_p.double().exp(), generator)
+        return (x, net.nfe) if return_nfe else x

@@ -1,0 +1,395 @@
+"""SEDD: score entropy discrete diffusion (Lou, Meng and Ermon, ICML 2024), absorbing and uniform graphs.
+
+The forward process is a continuous-time Markov chain with rate ``sigma(t) Q`` and total noise
+``sigma_bar(t) = integral_0^t sigma``. Each token evolves independently:
+
+* ``graph="absorb"``: states ``0..V`` with the mask ``m = V``; ``Q = 1 e_m^T - I`` on the real
+  tokens, so a token is masked by time t with probability ``1 - exp(-sigma_bar)``. This is MD4's
+  process with ``alpha_t = exp(-sigma_bar(t))``.
+* ``graph="uniform"``: states ``0..V-1``; ``Q = 11^T / V - I``, so by time t a token has been
+  resampled uniformly (possibly to itself) with probability ``1 - exp(-sigma_bar)``:
+  ``K_t(b | a) = exp(-sigma_bar) [a = b] + (1 - exp(-sigma_bar)) / V``.
+
+Noise: ``loglinear`` ``sigma_bar = -log(1 - (1 - eps) t)`` (so ``exp(-sigma_bar) = 1 - (1 - eps) t``,
+MD4's linear schedule ending at alpha_1 = eps) or ``geometric``
+``sigma_bar = sigma_min^(1 - t) sigma_max^t``.
+
+The network learns the concrete score ``s_y(x) = p_t(x with token n set to y) / p_t(x)``. It is
+called like MD4's denoiser, ``denoiser(xt [B, N], time [B]) -> raw [B, N, V]``, but SEDD conditions
+it on the total noise: the time argument is ``sigma_bar(t)`` (float64, in ``[0, -log eps]`` for
+loglinear, ``[sigma_min, sigma_max]`` for geometric), not t; the transformer's sinusoidal time
+embedding takes any float. The raw output becomes log-scores over the V real tokens by
+:meth:`ScoreEntropyDiffusion.log_score`:
+
+* absorb ("scale by sigma", as the SEDD code does for absorb):
+  ``log s_y = raw_y - log(exp(sigma_bar) - 1) - log V``. The true score of a masked position is
+  ``s_y = r mu_y`` with ``r = 1 / (exp(sigma_bar) - 1)`` and ``mu = p(x0[n] = . | unmasked tokens)``,
+  so the optimal raw output is ``log mu + log V``, time-independent: the log V term makes a zero
+  output (the network at initialisation) the uniform posterior with normalised scores.
+  Unmasked positions have no reverse rate, so their outputs are ignored.
+* uniform: ``log s_y = raw_y`` (no scaling, as in the SEDD code); the entry ``y = xt[n]`` is
+  ignored (its score is 1 by definition).
+
+Scores and losses are computed in at least float32 (float64 stays float64) whatever the network's
+precision; probabilities are drawn in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_md4.diffusion.noise import stratified_times
+from lightning_md4.sampling import CachedDenoiser, Denoiser, is_time_conditioned, sample_categorical, time_grid
+
+NOISES = ("loglinear", "geometric")
+GRAPHS = ("absorb", "uniform")
+METHODS = ("analytic", "euler")
+
+
+def log_expm1(x: Tensor) -> Tensor:
+    """log(exp(x) - 1) for x >= 0, accurate at small x (expm1) and without overflow at large x."""
+    big = x > 1.0
+    return torch.where(big, x + torch.log1p(-torch.exp(-torch.where(big, x, 1.0))), torch.log(torch.expm1(x)))
+
+
+class ScoreEntropyDiffusion:
+    """The SEDD process: forward noise, the denoising score entropy, its NELBO, two samplers.
+
+    Same public API as ``MaskedDiffusion`` (``forward_sample``, ``nelbo``, ``endpoint_terms``,
+    ``sample_times``, ``sample``); the denoiser's time argument is ``sigma_bar(t)`` (module docstring).
+
+    Time range: uniforms u in [0, 1) become ``t = t_min + (1 - t_min) u`` and the estimator carries
+    the Jacobian ``1 - t_min``, as GenMD4's. ``t_min = 0`` (the default) integrates over all of
+    [0, 1]: the loglinear noise starts at sigma_bar(0) = 0 and the integrand stays finite in
+    expectation, so nothing is truncated. ``t_min = 1e-3`` reproduces the SEDD code's training draws
+    ``t ~ U[1e-3, 1]``; the part below t_min then moves into the reconstruction term.
+
+    Endpoint rule (``endpoint_terms``), chosen so that ``nelbo`` is an unbiased estimate of an
+    upper bound on ``-log p_model(x0)`` for the stated model (SEDD Theorem 3.6 plus a decoder):
+
+    * prior at t = 1, ``sum_n KL(q_1(. | x0[n]) || pi)``: absorb: ``pi`` leaves a token unmasked
+      with probability ``alpha_1 = exp(-sigma_bar(1))``, uniformly (MD4's rule), giving
+      ``N alpha_1 log V`` (= N eps log V for loglinear); uniform: ``pi`` is uniform, giving
+      ``N [q_s log(V q_s) + (V - 1) q_d log(V q_d)]`` with ``q_d = (1 - alpha_1) / V``,
+      ``q_s = alpha_1 + q_d``.
+    * reconstruction at t_min (non-zero when ``sigma_bar(t_min) > 0``: t_min > 0, or geometric
+      noise, which starts at sigma_min): absorb: a token still masked is predicted uniformly,
+      ``N (1 - alpha_{t_min}) log V``; uniform: the decoder ``p(x0[n] = a | xt[n] = b) = K(b | a)``
+      (a distribution in a because K is symmetric), giving ``N H(K_{t_min}(. | a))``.
+
+    With ``t_min = 0`` and the loglinear noise only the prior term remains. The sampler's own
+    start (all-mask for absorb, uniform tokens for uniform) differs from ``pi`` by O(alpha_1).
+    """
+
+    def __init__(self, vocab_size: int, noise: str = "loglinear", graph: str = "absorb", eps: float = 1e-3,
+                 sigma_min: float = 1e-4, sigma_max: float = 20.0, t_min: float = 0.0) -> None:
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        if noise not in NOISES:
+            raise ValueError(f"unknown noise {noise!r}; choose one of {NOISES}")
+        if graph not in GRAPHS:
+            raise ValueError(f"unknown graph {graph!r}; choose one of {GRAPHS}")
+        if noise == "loglinear" and not 0.0 < eps < 1.0:
+            raise ValueError(f"loglinear noise needs eps in (0, 1), got {eps}")
+        if noise == "geometric" and not 0.0 < sigma_min < sigma_max:
+            raise ValueError(f"geometric noise needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if not 0.0 <= t_min < 1.0:
+            raise ValueError(f"t_min must be in [0, 1), got {t_min}")
+        self.vocab_size = vocab_size
+        self.noise = noise
+        self.graph = graph
+        self.eps, self.sigma_min, self.sigma_max = eps, sigma_min, sigma_max
+        self.t_min = t_min
+        # For the uniform graph the mask id is not a state of the process: it only marks the free
+        # positions of a conditioning ``x`` given to ``sample``.
+        self.mask_id = vocab_size
+        self.absorb = graph == "absorb"
+
+    def __repr__(self) -> str:
+        return (f"ScoreEntropyDiffusion(vocab_size={self.vocab_size}, noise={self.noise!r}, graph={self.graph!r}, "
+                f"eps={self.eps}, sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, t_min={self.t_min})")
+
+    # -- noise -----------------------------------------------------------------------------
+    def sigma_bar(self, t: Tensor) -> Tensor:
+        """Total noise sigma_bar(t), float64."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.noise == "loglinear":
+            return -torch.log1p(-(1.0 - self.eps) * t)
+        return torch.exp((1.0 - t) * math.log(self.sigma_min) + t * math.log(self.sigma_max))
+
+    def dsigma(self, t: Tensor) -> Tensor:
+        """Noise rate sigma(t) = d sigma_bar / dt, float64."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.noise == "loglinear":
+            return (1.0 - self.eps) / (1.0 - (1.0 - self.eps) * t)
+        return self.sigma_bar(t) * math.log(self.sigma_max / self.sigma_min)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        """exp(-sigma_bar(t)): the probability that a token has not been hit by the noise yet."""
+        return torch.exp(-self.sigma_bar(t))
+
+    def one_minus_alpha(self, t: Tensor) -> Tensor:
+        """1 - exp(-sigma_bar(t)) (masking / resampling probability), exact near t = 0."""
+        return -torch.expm1(-self.sigma_bar(t))
+
+    # -- forward process -------------------------------------------------------------------
+    def time_from_uniform(self, u: Tensor) -> Tensor:
+        return self.t_min + (1.0 - self.t_min) * u
+
+    def sample_times(self, batch: int, device: torch.device, antithetic: bool = True,
+                     generator: torch.Generator | None = None) -> Tensor:
+        """One time per sequence in [t_min, 1), float64 ``[batch]``; stratified across the batch if antithetic."""
+        if antithetic:
+            u = stratified_times(torch.rand((), dtype=torch.float64, device=device, generator=generator), batch)
+        else:
+            u = torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
+        return self.time_from_uniform(u)
+
+    def forward_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Noise each token of ``x0`` [B, N] independently to time t [B]; returns ``(xt, hit)``.
+
+        ``hit`` [B, N] bool marks the tokens the noise reached (probability 1 - exp(-sigma_bar)):
+        absorb masks them; uniform resamples them uniformly (possibly to the same token).
+        ``noise``: optional uniforms [B, N] (float64). A token is hit when ``noise < p``; for the
+        uniform graph the same uniform then picks the new token, ``floor(V noise / p)``.
+        """
+        if noise is None:
+            noise = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
+        p = self.one_minus_alpha(t.double().to(x0.device))[:, None]
+        hit = noise < p
+        if self.absorb:
+            return torch.where(hit, self.mask_id, x0), hit
+        p_safe = torch.where(p > 0, p, torch.ones_like(p))
+        new = torch.floor(noise / p_safe * self.vocab_size).clamp(0, self.vocab_size - 1).long()
+        return torch.where(hit, new, x0), hit
+
+    # -- scores ------------------------------------------------------------------------------
+    def log_score(self, raw: Tensor, sigma_bar: Tensor) -> Tensor:
+        """Log-scores ``[B, N, V]`` over the real tokens from the raw network output, at least float32.
+
+        absorb: ``raw - log(exp(sigma_bar) - 1) - log V`` (infinite at sigma_bar = 0, where
+        nothing is masked); uniform: ``raw``.
+        """
+        dtype = torch.promote_types(raw.dtype, torch.float32)
+        raw = raw.to(dtype)
+        if not self.absorb:
+            return raw
+        shift = log_expm1(sigma_bar.double()) + math.log(self.vocab_size)
+        return raw - shift.to(dtype)[:, None, None]
+
+    def _absorb_entropy(self, log_ratio: Tensor, x0: Tensor, xt: Tensor, sigma_bar: Tensor,
+                        dsigma: Tensor) -> Tensor:
+        """Absorbing DSE from ``log_ratio = log(s / r)`` [B, N, V] (at least float32), ``[B]``.
+
+        Per masked position ``sum_y s_y - r log s_{x0} + r (log r - 1)
+        = r [sum_{y != x0} e^{l_y} + (e^{l_{x0}} - l_{x0} - 1)]``, l = log(s / r): the form keeps
+        the r log r cancellation exact and is >= 0 term by term. Weight ``sigma r``, which is MD4's
+        ``-alpha' / (1 - alpha)``. Rows with sigma_bar = 0 (nothing is masked there) give 0.
+        """
+        dtype = log_ratio.dtype
+        sb, ds = sigma_bar.double(), dsigma.double()
+        log_r = -log_expm1(sb)
+        live = torch.isfinite(log_r)
+        weight = torch.where(live, ds * torch.exp(torch.where(live, log_r, 0.0)), 0.0)  # sigma r
+        l_x0 = log_ratio.gather(-1, x0[..., None])[..., 0]
+        per = log_ratio.exp().sum(-1) - l_x0 - 1.0
+        active = (xt == self.mask_id) & live[:, None]
+        per = torch.where(active, per, torch.zeros_like(per))
+        return weight.to(dtype) * per.sum(-1)
+
+    def _uniform_entropy(self, log_scores: Tensor, x0: Tensor, xt: Tensor, sigma_bar: Tensor,
+                         dsigma: Tensor) -> Tensor:
+        """Uniform-graph DSE (module docstring), ``[B]``.
+
+        For y != x = xt[n] the target ratio is ``c_y = K(y | x0[n]) / K(x | x0[n])``:
+        x = x0[n]: ``c_y = rho = E / (E + V)`` for all y (E = exp(sigma_bar) - 1);
+        x != x0[n]: ``c_{x0} = 1 / rho``, ``c_y = 1`` otherwise. Each term
+        ``s - c log s + c (log c - 1) = c h(s / c)`` with ``h(u) = u - log u - 1 >= 0`` (0 iff s = c),
+        computed as ``c (expm1(z) - z)``, ``z = log s - log c``. Weight ``sigma / V`` (Q's off-diagonal).
+        """
+        dtype = log_scores.dtype
+        V = self.vocab_size
+        sb, ds = sigma_bar.double(), dsigma.double()
+        log_e = log_expm1(sb)  # -inf at sigma_bar = 0
+        log_rho = log_e - torch.log(torch.expm1(sb) + V)
+        live = torch.isfinite(log_rho)
+        log_rho = torch.where(live, log_rho, 0.0)
+        ys = torch.arange(V, device=xt.device)
+        same = (xt == x0)[..., None]  # [B, N, 1]
+        is_x = ys == xt[..., None]  # [B, N, V]
+        is_x0 = ys == x0[..., None]
+        lr = log_rho.to(dtype)[:, None, None]
+        zero = torch.zeros((), dtype=dtype, device=xt.device)
+        log_c = torch.where(same, lr, torch.where(is_x0, -lr, zero))
+        z = log_scores - log_c
+        term = log_c.exp() * (torch.expm1(z) - z)
+        # sigma_bar = 0: rho = 0, the limit of c h(s / c) is s when x = x0; x != x0 cannot happen.
+        dead = ~live[:, None, None]
+        term = torch.where(dead & same, log_scores.exp(), torch.where(dead, zero, term))
+        term = torch.where(is_x, zero, term)
+        return (ds / V).to(dtype) * term.sum((-1, -2))
+
+    def score_entropy(self, log_scores: Tensor, x0: Tensor, xt: Tensor, sigma_bar: Tensor,
+                      dsigma: Tensor) -> Tensor:
+        """Denoising score entropy times sigma(t), summed over positions, ``[B]`` (at least float32).
+
+        ``log_scores`` [B, N, V] (from :meth:`log_score`), ``x0``/``xt`` [B, N], ``sigma_bar`` and
+        ``dsigma`` [B]. absorb, per masked position with r = 1 / (exp(sigma_bar) - 1):
+        ``dsigma [sum_{y != m} s_y - r log s_{x0} + r (log r - 1)]``; uniform: the SEDD paper's
+        DSE with its constants (see ``_uniform_entropy``). Both are >= 0 and 0 exactly at the
+        conditional ratios ``p_t(y | x0) / p_t(xt | x0)``; their integral over t is the NELBO.
+        """
+        dtype = torch.promote_types(log_scores.dtype, torch.float32)
+        log_scores = log_scores.to(dtype)
+        if not self.absorb:
+            return self._uniform_entropy(log_scores, x0, xt, sigma_bar, dsigma)
+        log_r = -log_expm1(sigma_bar.double())
+        log_r = torch.where(torch.isfinite(log_r), log_r, 0.0)
+        return self._absorb_entropy(log_scores - log_r.to(dtype)[:, None, None], x0, xt, sigma_bar, dsigma)
+
+    # -- losses ----------------------------------------------------------------------------
+    def endpoint_terms(self, seq_len: int) -> float:
+        """Reconstruction at t_min plus prior at t = 1, nats per sequence (class docstring)."""
+        V = self.vocab_size
+        sb0 = self.sigma_bar(torch.tensor(self.t_min, dtype=torch.float64))
+        sb1 = self.sigma_bar(torch.tensor(1.0, dtype=torch.float64))
+        if self.absorb:
+            return seq_len * float(-torch.expm1(-sb0) + torch.exp(-sb1)) * math.log(V)
+        q_d0 = -torch.expm1(-sb0) / V
+        q_s0 = torch.exp(-sb0) + q_d0
+        recon = -(torch.special.xlogy(q_s0, q_s0) + (V - 1) * torch.special.xlogy(q_d0, q_d0))
+        q_d1 = -torch.expm1(-sb1) / V
+        q_s1 = torch.exp(-sb1) + q_d1
+        prior = q_s1 * torch.log1p((V - 1) * torch.exp(-sb1)) + (V - 1) * torch.special.xlogy(q_d1, V * q_d1)
+        return seq_len * float(recon + prior)
+
+    def nelbo(self, denoiser: Denoiser, x0: Tensor, t: Tensor | None = None, antithetic: bool = True,
+              noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Continuous-time negative ELBO, nats per sequence ``[B]``, one t per sequence.
+
+        ``(1 - t_min) * score_entropy at t`` (the dsigma-weighted DSE, unbiased for its integral over
+        [t_min, 1] when t ~ U[t_min, 1]) plus ``endpoint_terms``. ``t``: optional times [B] in
+        [t_min, 1] (default: ``sample_times``); ``noise``: optional uniforms [B, N] deciding the
+        forward noise. The denoiser is called as ``denoiser(xt, sigma_bar(t))``.
+        """
+        if t is None:
+            t = self.sample_times(x0.shape[0], x0.device, antithetic, generator)
+        t = t.double()
+        xt, _ = self.forward_sample(x0, t, noise, generator)
+        sb, ds = self.sigma_bar(t), self.dsigma(t)
+        raw = denoiser(xt, sb)
+        dtype = torch.promote_types(raw.dtype, torch.float32)
+        raw = raw.to(dtype)
+        if self.absorb:
+            # log(s / r) = raw - log V exactly: no round trip through log r (infinite at sigma_bar = 0).
+            loss = self._absorb_entropy(raw - math.log(self.vocab_size), x0, xt, sb, ds)
+        else:
+            loss = self._uniform_entropy(raw, x0, xt, sb, ds)
+        return (1.0 - self.t_min) * loss + self.endpoint_terms(x0.shape[1])
+
+    # -- sampling --------------------------------------------------------------------------
+    def _absorb_step(self, raw: Tensor, x: Tensor, coef: Tensor | None, generator: torch.Generator | None) -> None:
+        """Move masked positions of ``x`` in place: to y with probability ``coef * mu~_y``, where
+        ``mu~ = exp(raw - log V)`` (= s / r); ``coef = None`` is the denoising step (draw from mu~
+        normalised, nothing stays masked)."""
+        masked = x == self.mask_id
+        if not masked.any():
+            return
+        move = (raw[masked].double() - math.log(self.vocab_size)).exp()  # [M, V]
+        if coef is None:
+            x[masked] = sample_categorical(move, generator)
+            return
+        move = coef * move
+        stay = (1.0 - move.sum(-1, keepdim=True)).clamp_min(0.0)
+        idx = sample_categorical(torch.cat([move, stay], -1), generator)
+        x[masked] = torch.where(idx == self.vocab_size, self.mask_id, idx)
+
+    def _uniform_step(self, raw: Tensor, x: Tensor, free: Tensor, method: str, dt: Tensor,
+                      sb_t: Tensor, ds_t: Tensor, delta: Tensor, generator: torch.Generator | None) -> None:
+        """One reverse step of the uniform graph on the ``free`` positions of ``x`` (in place)."""
+        V = self.vocab_size
+        cur = x[free]
+        s = raw[free].double().exp()  # [M, V]
+        s.scatter_(-1, cur[:, None], 1.0)  # s_x = 1
+        onehot = torch.nn.functional.one_hot(cur, V).double()
+        if method == "euler":
+            move = dt * ds_t / V * s * (1.0 - onehot)
+            stay = (1.0 - move.sum(-1, keepdim=True)).clamp_min(0.0)
+            probs = move + stay * onehot
+        else:
+            # Tweedie tau-leaping: p_{t-Delta}(y) / p_t(x) ~ [exp(-Delta Q) s]_y, times K_Delta(x | y).
+            e = torch.exp(delta)
+            stag = e * s + (1.0 - e) / V * s.sum(-1, keepdim=True)
+            kern = torch.exp(-delta) * onehot - torch.expm1(-delta) / V
+            probs = stag.clamp_min(0.0) * kern
+        x[free] = sample_categorical(probs, generator)
+
+    @torch.no_grad()
+    def sample(self, denoiser: Denoiser, shape: tuple[int, int], steps: int, grid: str = "uniform",
+               generator: torch.Generator | None = None, x: Tensor | None = None,
+               device: torch.device | str | None = None, method: str = "analytic", cache: bool | None = None,
+               return_nfe: bool = False) -> Tensor | tuple[Tensor, int]:
+        """Reverse sampling from t = 1 to 0 on a ``uniform`` or ``cosine`` grid of ``steps`` intervals.
+
+        The first ``steps - 1`` intervals (t -> s) take a predictor step with the scores at
+        sigma_bar(t); the last interval is the denoising step, which removes all remaining noise.
+        absorb, masked position (r = 1 / (exp(sigma_bar_t) - 1), mu~ = s / r = exp(raw - log V)):
+
+        * ``euler``: to y with probability ``(t - s) sigma(t) s_y``; stays masked otherwise;
+        * ``analytic`` (Tweedie tau-leaping, SEDD's staggered score): to y with probability
+          ``(exp(Delta) - 1) s_y``, Delta = sigma_bar(t) - sigma_bar(s). With the true scores this
+          is ``(alpha_s - alpha_t) / (1 - alpha_t) mu_y``, MD4's exact ancestral step;
+        * denoising step: every masked position draws from mu~ normalised (the analytic step to
+          sigma_bar = 0 with the mask state dropped).
+
+        uniform, position with token x: ``euler`` moves to y != x with probability
+        ``(t - s) sigma(t) s_y / V``; ``analytic`` draws y with probability proportional to
+        ``[exp(-Delta Q) s]_y K_Delta(x | y)`` (s_x = 1); the denoising step is the analytic step
+        with Delta = sigma_bar(t). Negative probabilities are clipped to 0 and rows renormalised,
+        as the SEDD code's categorical draw does. Draws are in float64.
+
+        ``x``: optional LongTensor ``shape`` holding given tokens and ``mask_id`` elsewhere; given
+        tokens never change (for the uniform graph the free positions start uniform). ``cache``
+        (default: when the denoiser declares ``time_conditioned = False``) reuses the raw output
+        until a token changes. Returns the tokens ``[B, N]``, and the number of network
+        evaluations if asked.
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if x is None:
+            x = torch.full(shape, self.mask_id, dtype=torch.long, device=device)
+        else:
+            if tuple(x.shape) != tuple(shape):
+                raise ValueError(f"conditioning x has shape {tuple(x.shape)}, expected {tuple(shape)}")
+            x = x.clone()
+        free = x == self.mask_id
+        if not self.absorb:
+            start = torch.randint(self.vocab_size, x.shape, device=x.device, generator=generator)
+            x = torch.where(free, start, x)
+        reuse = (not is_time_conditioned(denoiser)) if cache is None else cache
+        net = CachedDenoiser(denoiser, reuse)
+        times = time_grid(steps, grid, device=x.device)
+        batch = x.shape[0]
+        for k, (t, s) in enumerate(zip(times[:-1], times[1:])):
+            last = k == steps - 1
+            if self.absorb and not (x == self.mask_id).any():
+                break
+            sb_t, sb_s = self.sigma_bar(t), self.sigma_bar(s)
+            raw = net(x, sb_t.expand(batch))
+            if self.absorb:
+                if last:
+                    coef = None
+                elif method == "euler":
+                    coef = (t - s) * self.dsigma(t) * torch.exp(-log_expm1(sb_t))
+                else:
+                    coef = torch.exp(log_expm1(sb_t - sb_s) - log_expm1(sb_t))
+                self._absorb_step(raw, x, coef, generator)
+            else:
+                step_method = "analytic" if last else method
+                delta = sb_t if last else sb_t - sb_s
+                self._uniform_step(raw, x, free, step_method, t - s, sb_t, self.dsigma(t), delta, generator)
+        return (x, net.nfe) if return_nfe else x
