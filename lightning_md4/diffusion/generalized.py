@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_md4.diffusion.noise import stratified_times
+from lightning_md4.diffusion.noise import uniform_times
 from lightning_md4.sampling import CachedDenoiser, Denoiser, is_time_conditioned, sample_categorical, time_grid
 
 
@@ -71,11 +71,7 @@ class GenMaskedDiffusion:
 
     def sample_times(self, batch: int, device: torch.device, antithetic: bool = True,
                      generator: torch.Generator | None = None) -> Tensor:
-        if antithetic:
-            u = stratified_times(torch.rand((), dtype=torch.float64, device=device, generator=generator), batch)
-        else:
-            u = torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
-        return self.time_from_uniform(u)
+        return self.time_from_uniform(uniform_times(batch, device, antithetic, generator))
 
     # -- forward process -------------------------------------------------------------------
     def forward_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_md4.diffusion.noise import stratified_times
+from lightning_md4.diffusion.noise import uniform_times
 from lightning_md4.sampling import CachedDenoiser, Denoiser, is_time_conditioned, sample_categorical, time_grid
 from lightning_md4.schedules import Schedule
 
@@ -71,14 +71,10 @@ class MaskedDiffusion:
         """Times are uniform on [0, 1]: the identity (methods with a time range map u into it)."""
         return u
 
-    @staticmethod
-    def sample_times(batch: int, device: torch.device, antithetic: bool = True,
+    def sample_times(self, batch: int, device: torch.device, antithetic: bool = True,
                      generator: torch.Generator | None = None) -> Tensor:
-        """One time per sequence in [0, 1), float64 ``[batch]``; stratified across the batch if antithetic."""
-        if antithetic:
-            u = torch.rand((), dtype=torch.float64, device=device, generator=generator)
-            return stratified_times(u, batch)
-        return torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
+        """One time per sequence, float64 ``[batch]``; stratified across the batch if antithetic."""
+        return self.time_from_uniform(uniform_times(batch, device, antithetic, generator))
 
     # -- losses ----------------------------------------------------------------------------
     def nelbo(self, denoiser: Denoiser, x0: Tensor, t: Tensor | None = None, antithetic: bool = True,

@@ -32,6 +32,16 @@ def stratified_times(u: Tensor | float, batch: int, offset: int = 0, total: int 
     return torch.remainder(u + i / total, 1.0)
 
 
+def uniform_times(batch: int, device: torch.device | str | None = None, antithetic: bool = True,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """One uniform draw in [0, 1) per sequence, float64 ``[batch]``, stratified across the batch if
+    ``antithetic``. Processes map it to their time range with ``time_from_uniform``."""
+    if antithetic:
+        u = torch.rand((), dtype=torch.float64, device=device, generator=generator)
+        return stratified_times(u, batch)
+    return torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
+
+
 def _hash32(x: Tensor) -> Tensor:
     """A 32-bit integer mixing function (Wellons' "lowbias32") on int64 tensors holding uint32 values.
 
