@@ -27,7 +27,7 @@ def exact_discrete_nelbo(process: MaskedDiffusion, denoiser, x0: torch.Tensor, T
         xt = torch.where(masks, process.mask_id, x0)
         logp = denoiser(xt, t.expand(len(masks)))  # [2^N, N, V]
         ce = -(logp.gather(-1, x0.expand(len(masks), N)[..., None])[..., 0] * masks).sum(-1)
-        pm = (p_mask ** masks.sum(-1)) * ((1 - p_mask) ** (~masks).sum(-1))
+        pm = (p_mask ** masks.sum(-1).double()) * ((1 - p_mask) ** (~masks).sum(-1).double())
         total += weight * float((pm * ce).sum())
     return total
 

@@ -28,20 +28,29 @@ and ``q(x_{t-1} | x_t, x0)`` is the same formula with ``p~`` the one-hot of x0. 
 gives the reconstruction term ``-log p(x0 | x1)`` (the reference code instead uses p~ itself at
 t = 1; the two agree at masked positions whenever p~ gives the mask zero probability).
 
+The weighting by ``q(x_t | x0~)`` in this sum means the best p~ is not the posterior q(x0 | x_t)
+in general but ``q(x0 | x_t) / q(x_t | x0)`` (normalised): then p(x_{t-1} | x_t) is the exact
+per-token reverse marginal. For the absorbing kernel at a masked position ``q(x_t = m | x0)`` is
+the same for every x0 and the two coincide; for the uniform kernel they differ.
+
 The network is MD4's: ``denoiser(xt [B, N], t [B]) -> logits [B, N, C]`` with the continuous time
 ``t / T`` in [0, 1] as input. With ``C = V + 1`` (absorb only) p~ is Austin's softmax over the
 whole vocabulary, mask included. With ``C = V`` (the suite's transformer) the mask logit is taken
 as -inf: MD4's choice of never predicting the mask. With that choice and the linear schedule the
 T-step bound L_vb of the absorbing kernel equals MD4's discrete-time NELBO term by term.
 
-Numerics: the network output is upcast to at least float32 and all the transition math runs in
-log space (log-sum-exp mixtures, guarded so that ``log 0`` entries neither produce NaN values nor
-NaN gradients) at every t in 1..T and for bf16 network outputs. ``log_eps`` instead reproduces the
-reference code's ``log(probs + eps)`` formulation, computed in the network output's own dtype
-(as a reference run under half precision would): with ``eps = 1e-20`` a float16 output gives NaN
-(1e-20 rounds to 0 and ``0 * log 0`` appears) and a bf16 output gives large errors (1 - beta_t
-rounds to 1 for small beta). That path is there to show the instability the MD4 paper reports,
-not for training.
+Numerics: the network output is upcast to at least float32 (``dtype``) and all the transition
+math runs in log space (log-sum-exp mixtures, guarded so that ``log 0`` entries neither produce
+NaN values nor NaN gradients, e.g. a -inf mask logit at t = 1) at every t in 1..T and for bf16
+network outputs. ``log_eps`` instead reproduces the reference code's ``log(probs + eps)``
+formulation, computed in the network output's own dtype (as a reference run under half precision
+would). What it does, checked in tests/test_d3pm_exact.py with ``eps = 1e-20``, T = 1000:
+a float16 output gives NaN (1e-20 rounds to 0 and ``0 * log 0`` appears); a bf16 output with the
+uniform kernel is off by 10% to 20x (``1 - beta_t`` and the 1/V mixtures round); confident
+predictions are wrong in any dtype (eps leaks mass into impossible states: thousands of nats of
+spurious KL at unmasked absorbing positions; log-probabilities capped near log eps = -46 for the
+uniform kernel); moderate float32 logits are fine. That path shows the instability the MD4 paper
+reports; it is not for training.
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_md4.diffusion.noise import stratified_times
+from lightning_md4.diffusion.noise import uniform_times
 from lightning_md4.sampling import CachedDenoiser, Denoiser, is_time_conditioned, sample_categorical
 
 KINDS = ("absorb", "uniform")
@@ -205,12 +214,17 @@ class DiscreteDiffusion:
         """
         dtype = torch.promote_types(logits.dtype, self.dtype)
         logp = torch.log_softmax(logits.to(dtype), dim=-1)
-        C = logits.shape[-1]
-        if C == self.num_states:
+        if self._check_width(logits.shape[-1]):
             return logp
+        never = torch.full((*logp.shape[:-1], 1), -math.inf, dtype=dtype, device=logp.device)
+        return torch.cat([logp, never], dim=-1)
+
+    def _check_width(self, C: int) -> bool:
+        """True if the network gives all K states, False if V real tokens only (absorb); else raise."""
+        if C == self.num_states:
+            return True
         if self.kind == "absorb" and C == self.vocab_size:
-            never = torch.full((*logp.shape[:-1], 1), -math.inf, dtype=dtype, device=logp.device)
-            return torch.cat([logp, never], dim=-1)
+            return False
         allowed = (self.vocab_size, self.vocab_size + 1) if self.kind == "absorb" else (self.vocab_size,)
         raise ValueError(f"denoiser returned {C} logits per position; expected one of {allowed}")
 
@@ -218,7 +232,7 @@ class DiscreteDiffusion:
         """``(abar_t / abar_s, abar_s, 1 - abar_s)`` in float64, with trailing dims up to ``ndim``."""
         if s is None:
             s = t - 1
-        if bool((s < 0).any()) or bool((s >= t).any()) or bool((t > self.T).any()):
+        if bool(((s < 0) | (s >= t) | (t > self.T)).any()):
             raise ValueError("need 0 <= s < t <= T")
         a_t, a_s, abar_s = self.alpha(t), self.alpha(s), self.one_minus_alpha(s)
         keep = a_t / a_s  # 1 - beta_{t|s}; a_s > 0 for s < T
@@ -282,8 +296,7 @@ class DiscreteDiffusion:
         dtype, eps = logits.dtype, self.log_eps
         probs = torch.softmax(logits, dim=-1)
         logp0 = torch.log_softmax(logits, dim=-1)
-        if logits.shape[-1] != self.num_states:
-            self.x0_log_probs(logits[..., :1, :])  # raises on a bad width
+        if not self._check_width(logits.shape[-1]):
             probs = torch.cat([probs, torch.zeros_like(probs[..., :1])], dim=-1)
         keep, a_s, abar_s = self._time_factor(t_index, None, xt.ndim)
         pi = self.pi.to(logits.device)
@@ -302,47 +315,42 @@ class DiscreteDiffusion:
     def _t_input(self, t_index: Tensor) -> Tensor:
         return t_index.double() / self.T
 
-    def loss(self, denoiser: Denoiser, x0: Tensor, t_index: Tensor | None = None, noise: Tensor | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
-        """Training objective, nats per sequence ``[B]``: ``T * kl_t + hybrid_lambda * ce`` (+ prior, 0).
-
-        One step ``t_index`` ~ U{1..T} per example (given or drawn); ``T * kl_t`` is an unbiased
-        estimate of L_vb; ``ce = sum_n -log p~(x0 | x_t)``. With ``hybrid_lambda = 0`` this equals
-        ``nelbo`` at the same step and noise.
-        """
-        if t_index is None:
-            t_index = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device, generator=generator)
-        xt, _ = self.forward_sample(x0, t_index, noise, generator)
-        kl, ce = self.terms(denoiser(xt, self._t_input(t_index)), x0, xt, t_index)
-        return self.T * kl + self.hybrid_lambda * ce + self.prior_kl(x0).to(kl.dtype)
-
     @staticmethod
-    def sample_times(batch: int, device: torch.device, antithetic: bool = True,
+    def time_from_uniform(u: Tensor) -> Tensor:
+        """Times are uniform on [0, 1) (mapped to steps by ``step_index``): the identity."""
+        return u
+
+    def sample_times(self, batch: int, device: torch.device, antithetic: bool = True,
                      generator: torch.Generator | None = None) -> Tensor:
         """One time per sequence in [0, 1), float64 ``[batch]``; stratified across the batch if antithetic."""
-        if antithetic:
-            u = torch.rand((), dtype=torch.float64, device=device, generator=generator)
-            return stratified_times(u, batch)
-        return torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
+        return self.time_from_uniform(uniform_times(batch, device, antithetic, generator))
 
     def step_index(self, t: Tensor) -> Tensor:
         """Step ``i = floor(t T) + 1`` in 1..T of continuous times t in [0, 1] (MD4's ``nelbo_discrete``)."""
         return torch.clamp(torch.floor(t.double() * self.T) + 1, 1, self.T).long()
 
-    def nelbo(self, denoiser: Denoiser, x0: Tensor, t: Tensor | None = None, antithetic: bool = True,
-              noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """One-draw unbiased estimate of L_vb, nats per sequence ``[B]``: ``T * kl_i + prior``.
+    def loss(self, denoiser: Denoiser, x0: Tensor, t: Tensor | None = None, antithetic: bool = True,
+             noise: Tensor | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(objective, nelbo)``, nats per sequence ``[B]``, from one network pass.
 
-        ``t``: optional times [B] in [0, 1] (stratified across the batch when drawn and
-        ``antithetic``), mapped to the step ``i = floor(t T) + 1``; ``noise``: optional uniforms
-        [B, N] for the forward draw. Same conventions as ``MaskedDiffusion.nelbo``.
+        One step ``i = floor(t T) + 1`` per example (``t`` given, or drawn, stratified across the
+        batch when ``antithetic``); ``nelbo = T kl_i + prior`` is an unbiased estimate of L_vb and
+        the training objective adds the hybrid term ``hybrid_lambda * sum_n -log p~(x0 | x_t)``.
+        ``noise``: optional uniforms [B, N] for the forward draw.
         """
         if t is None:
             t = self.sample_times(x0.shape[0], x0.device, antithetic, generator)
         i = self.step_index(t)
         xt, _ = self.forward_sample(x0, i, noise, generator)
-        kl, _ = self.terms(denoiser(xt, self._t_input(i)), x0, xt, i)
-        return self.T * kl + self.prior_kl(x0).to(kl.dtype)
+        kl, ce = self.terms(denoiser(xt, self._t_input(i)), x0, xt, i)
+        nelbo = self.T * kl + self.prior_kl(x0).to(kl.dtype)
+        return nelbo + self.hybrid_lambda * ce, nelbo
+
+    def nelbo(self, denoiser: Denoiser, x0: Tensor, t: Tensor | None = None, antithetic: bool = True,
+              noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """One-draw unbiased estimate of L_vb, nats per sequence ``[B]`` (same conventions as
+        ``MaskedDiffusion.nelbo``; see ``loss``)."""
+        return self.loss(denoiser, x0, t, antithetic, noise, generator)[1]
 
     @torch.no_grad()
     def nelbo_exact(self, denoiser: Denoiser, x0: Tensor, batch_T: int = 1, generator: torch.Generator | None = None,
@@ -384,7 +392,11 @@ class DiscreteDiffusion:
         """Ancestral sampling from x_T ~ pi down to x_0 with p(x_s | x_t) (s = t - 1 when steps = T).
 
         ``steps`` (default T) evenly spaced integer steps; fewer steps jump with ``Q_{t|s}``. The
-        last step takes the argmax of p~(x0 | x_t) over the real tokens, as the reference code does.
+        last step (to t = 0) is deterministic, as in the reference code: the argmax over the real
+        tokens of the model's p(x0 | x_t). For ``absorb`` at a masked position that is the argmax of
+        p~(x0 | x_t) over real tokens (the reference's rule); for ``uniform`` it also weighs each
+        candidate by ``Q_t[x0, x_t]``: under D3PM's parameterisation the best p~ is not the
+        posterior (module docstring), and its own argmax can be far from the data.
         ``x``: optional LongTensor ``shape`` with given tokens and ``generate_id`` (= V) at the
         positions to generate; given tokens never change (for ``uniform`` this clamping is a
         heuristic: the true process would noise them too). Draws are float64 inverse-CDF over the
@@ -412,10 +424,10 @@ class DiscreteDiffusion:
                 break
             logits = net(x, torch.full((batch,), t / self.T, dtype=torch.float64, device=x.device))
             log_x0 = self.x0_log_probs(logits[active])
-            if s == 0:
-                x[active] = log_x0[:, :V].argmax(-1)
-                break
             t_, s_ = (torch.full((log_x0.shape[0],), v, dtype=torch.long, device=x.device) for v in (t, s))
             log_p = self.log_posterior(log_x0, x[active], t_, s_)
+            if s == 0:
+                x[active] = log_p[:, :V].argmax(-1)
+                break
             x[active] = sample_categorical(log_p.double().exp(), generator)
         return (x, net.nfe) if return_nfe else x

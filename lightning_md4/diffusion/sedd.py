@@ -41,7 +41,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_md4.diffusion.noise import stratified_times
+from lightning_md4.diffusion.noise import uniform_times
 from lightning_md4.sampling import CachedDenoiser, Denoiser, is_time_conditioned, sample_categorical, time_grid
 
 NOISES = ("loglinear", "geometric")
@@ -137,16 +137,13 @@ class ScoreEntropyDiffusion:
 
     # -- forward process -------------------------------------------------------------------
     def time_from_uniform(self, u: Tensor) -> Tensor:
+        """Map uniforms in [0, 1] to times in [t_min, 1]."""
         return self.t_min + (1.0 - self.t_min) * u
 
     def sample_times(self, batch: int, device: torch.device, antithetic: bool = True,
                      generator: torch.Generator | None = None) -> Tensor:
         """One time per sequence in [t_min, 1), float64 ``[batch]``; stratified across the batch if antithetic."""
-        if antithetic:
-            u = stratified_times(torch.rand((), dtype=torch.float64, device=device, generator=generator), batch)
-        else:
-            u = torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
-        return self.time_from_uniform(u)
+        return self.time_from_uniform(uniform_times(batch, device, antithetic, generator))
 
     def forward_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None,
                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -195,9 +192,12 @@ class ScoreEntropyDiffusion:
         log_r = -log_expm1(sb)
         live = torch.isfinite(log_r)
         weight = torch.where(live, ds * torch.exp(torch.where(live, log_r, 0.0)), 0.0)  # sigma r
+        active = (xt == self.mask_id) & live[:, None]
+        # Inputs of inactive positions are replaced before use, so that infinite log-scores there
+        # (sigma_bar = 0) give neither NaN values nor NaN gradients.
+        log_ratio = torch.where(active[..., None], log_ratio, torch.zeros_like(log_ratio))
         l_x0 = log_ratio.gather(-1, x0[..., None])[..., 0]
         per = log_ratio.exp().sum(-1) - l_x0 - 1.0
-        active = (xt == self.mask_id) & live[:, None]
         per = torch.where(active, per, torch.zeros_like(per))
         return weight.to(dtype) * per.sum(-1)
 
@@ -292,41 +292,68 @@ class ScoreEntropyDiffusion:
         return (1.0 - self.t_min) * loss + self.endpoint_terms(x0.shape[1])
 
     # -- sampling --------------------------------------------------------------------------
-    def _absorb_step(self, raw: Tensor, x: Tensor, coef: Tensor | None, generator: torch.Generator | None) -> None:
-        """Move masked positions of ``x`` in place: to y with probability ``coef * mu~_y``, where
-        ``mu~ = exp(raw - log V)`` (= s / r); ``coef = None`` is the denoising step (draw from mu~
-        normalised, nothing stays masked)."""
-        masked = x == self.mask_id
-        if not masked.any():
-            return
-        move = (raw[masked].double() - math.log(self.vocab_size)).exp()  # [M, V]
-        if coef is None:
-            x[masked] = sample_categorical(move, generator)
-            return
-        move = coef * move
-        stay = (1.0 - move.sum(-1, keepdim=True)).clamp_min(0.0)
-        idx = sample_categorical(torch.cat([move, stay], -1), generator)
-        x[masked] = torch.where(idx == self.vocab_size, self.mask_id, idx)
+    def reverse_probs(self, raw: Tensor, x: Tensor, t: Tensor, s: Tensor | None, method: str = "analytic") -> Tensor:
+        """Transition probabilities of one reverse step t -> s for M positions, float64 ``[M, S]``.
 
-    def _uniform_step(self, raw: Tensor, x: Tensor, free: Tensor, method: str, dt: Tensor,
-                      sb_t: Tensor, ds_t: Tensor, delta: Tensor, generator: torch.Generator | None) -> None:
-        """One reverse step of the uniform graph on the ``free`` positions of ``x`` (in place)."""
+        ``raw`` [M, V]: the network output at those positions (called at sigma_bar(t)); ``x`` [M]:
+        their current tokens (all masked for absorb); ``s = None``: the denoising step, which
+        removes all remaining noise (to sigma_bar = 0). Columns: the V real tokens, plus "stay
+        masked" last for absorb (S = V + 1); S = V for uniform.
+
+        absorb (l = raw - log V, so s_y = r e^{l_y} with r = 1 / (exp(sigma_bar_t) - 1)):
+
+        * ``euler``: to y with probability ``(t - s) sigma(t) s_y``; stays masked otherwise;
+        * ``analytic`` (Tweedie tau-leaping, SEDD's staggered score): to y with probability
+          ``(exp(Delta) - 1) s_y``, Delta = sigma_bar(t) - sigma_bar(s); with the true scores
+          (s = r mu) this is ``(alpha_s - alpha_t) / (1 - alpha_t) mu_y``, MD4's exact step;
+        * denoising: to y with probability proportional to s_y (the analytic step to
+          sigma_bar = 0 with the mask state dropped); nothing stays masked.
+
+        uniform (s_y = exp(raw_y), s_x = 1): ``euler`` moves to y != x with probability
+        ``(t - s) sigma(t) s_y / V``; ``analytic`` with probability ``[exp(-Delta Q) s]_y K_Delta(x | y)``
+        (the staggered score times the forward kernel; the row sums to s_x = 1 identically), which
+        for a single token with the true scores is the exact reverse kernel p_s(y) K(x | y) / p_t(x);
+        denoising is the analytic step with Delta = sigma_bar(t).
+
+        Negative entries (free scores, large steps) are clipped to 0 and rows renormalised, as the
+        SEDD code's categorical draw does.
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         V = self.vocab_size
-        cur = x[free]
-        s = raw[free].double().exp()  # [M, V]
-        s.scatter_(-1, cur[:, None], 1.0)  # s_x = 1
-        onehot = torch.nn.functional.one_hot(cur, V).double()
-        if method == "euler":
-            move = dt * ds_t / V * s * (1.0 - onehot)
-            stay = (1.0 - move.sum(-1, keepdim=True)).clamp_min(0.0)
-            probs = move + stay * onehot
+        t = torch.as_tensor(t, dtype=torch.float64, device=raw.device)
+        sb_t = self.sigma_bar(t)
+        raw = raw.double()
+        if self.absorb:
+            move = (raw - math.log(V)).exp()  # s / r
+            if s is None:
+                probs = torch.cat([move, torch.zeros_like(move[:, :1])], -1)
+            else:
+                s = torch.as_tensor(s, dtype=torch.float64, device=raw.device)
+                if method == "euler":
+                    coef = (t - s) * self.dsigma(t) * torch.exp(-log_expm1(sb_t))
+                else:
+                    coef = torch.exp(log_expm1(sb_t - self.sigma_bar(s)) - log_expm1(sb_t))
+                move = coef * move
+                probs = torch.cat([move, 1.0 - move.sum(-1, keepdim=True)], -1)
         else:
-            # Tweedie tau-leaping: p_{t-Delta}(y) / p_t(x) ~ [exp(-Delta Q) s]_y, times K_Delta(x | y).
-            e = torch.exp(delta)
-            stag = e * s + (1.0 - e) / V * s.sum(-1, keepdim=True)
-            kern = torch.exp(-delta) * onehot - torch.expm1(-delta) / V
-            probs = stag.clamp_min(0.0) * kern
-        x[free] = sample_categorical(probs, generator)
+            # s - 1 by expm1: near the prior all scores are ~1 and their differences are what counts.
+            score_m1 = torch.expm1(raw).scatter(-1, x[:, None], 0.0)
+            onehot = torch.nn.functional.one_hot(x, V).double()
+            if s is not None and method == "euler":
+                s = torch.as_tensor(s, dtype=torch.float64, device=raw.device)
+                move = (t - s) * self.dsigma(t) / V * (1.0 + score_m1) * (1.0 - onehot)
+                probs = move + (1.0 - move.sum(-1, keepdim=True)) * onehot
+            else:
+                s = None if s is None else torch.as_tensor(s, dtype=torch.float64, device=raw.device)
+                delta = sb_t if s is None else sb_t - self.sigma_bar(s)
+                # [exp(-Delta Q) s]_y = e^Delta s_y + (1 - e^Delta) mean(s) = e^Delta (s_y - mean s) + mean s
+                mean_m1 = score_m1.mean(-1, keepdim=True)
+                stag = torch.exp(delta) * (score_m1 - mean_m1) + (1.0 + mean_m1)
+                kern = torch.exp(-delta) * onehot - torch.expm1(-delta) / V  # K_Delta(x | y)
+                probs = stag * kern
+        probs = probs.clamp_min(0.0)
+        return probs / probs.sum(-1, keepdim=True)
 
     @torch.no_grad()
     def sample(self, denoiser: Denoiser, shape: tuple[int, int], steps: int, grid: str = "uniform",
@@ -335,25 +362,14 @@ class ScoreEntropyDiffusion:
                return_nfe: bool = False) -> Tensor | tuple[Tensor, int]:
         """Reverse sampling from t = 1 to 0 on a ``uniform`` or ``cosine`` grid of ``steps`` intervals.
 
-        The first ``steps - 1`` intervals (t -> s) take a predictor step with the scores at
-        sigma_bar(t); the last interval is the denoising step, which removes all remaining noise.
-        absorb, masked position (r = 1 / (exp(sigma_bar_t) - 1), mu~ = s / r = exp(raw - log V)):
-
-        * ``euler``: to y with probability ``(t - s) sigma(t) s_y``; stays masked otherwise;
-        * ``analytic`` (Tweedie tau-leaping, SEDD's staggered score): to y with probability
-          ``(exp(Delta) - 1) s_y``, Delta = sigma_bar(t) - sigma_bar(s). With the true scores this
-          is ``(alpha_s - alpha_t) / (1 - alpha_t) mu_y``, MD4's exact ancestral step;
-        * denoising step: every masked position draws from mu~ normalised (the analytic step to
-          sigma_bar = 0 with the mask state dropped).
-
-        uniform, position with token x: ``euler`` moves to y != x with probability
-        ``(t - s) sigma(t) s_y / V``; ``analytic`` draws y with probability proportional to
-        ``[exp(-Delta Q) s]_y K_Delta(x | y)`` (s_x = 1); the denoising step is the analytic step
-        with Delta = sigma_bar(t). Negative probabilities are clipped to 0 and rows renormalised,
-        as the SEDD code's categorical draw does. Draws are in float64.
+        The first ``steps - 1`` intervals (t -> s) take an ``euler`` or ``analytic`` step with the
+        network called at sigma_bar(t); the last interval is the denoising step, which removes all
+        remaining noise (see ``reverse_probs``), so ``steps`` is also the most network evaluations.
+        Start: all-mask (absorb) or uniform tokens (uniform). Draws are in float64.
 
         ``x``: optional LongTensor ``shape`` holding given tokens and ``mask_id`` elsewhere; given
-        tokens never change (for the uniform graph the free positions start uniform). ``cache``
+        tokens never change (for the uniform graph the free positions start uniform and only they
+        are updated: clamping, which is exact for absorb and approximate for uniform). ``cache``
         (default: when the denoiser declares ``time_conditioned = False``) reuses the raw output
         until a token changes. Returns the tokens ``[B, N]``, and the number of network
         evaluations if asked.
@@ -375,21 +391,12 @@ class ScoreEntropyDiffusion:
         times = time_grid(steps, grid, device=x.device)
         batch = x.shape[0]
         for k, (t, s) in enumerate(zip(times[:-1], times[1:])):
-            last = k == steps - 1
-            if self.absorb and not (x == self.mask_id).any():
-                break
-            sb_t, sb_s = self.sigma_bar(t), self.sigma_bar(s)
-            raw = net(x, sb_t.expand(batch))
             if self.absorb:
-                if last:
-                    coef = None
-                elif method == "euler":
-                    coef = (t - s) * self.dsigma(t) * torch.exp(-log_expm1(sb_t))
-                else:
-                    coef = torch.exp(log_expm1(sb_t - sb_s) - log_expm1(sb_t))
-                self._absorb_step(raw, x, coef, generator)
-            else:
-                step_method = "analytic" if last else method
-                delta = sb_t if last else sb_t - sb_s
-                self._uniform_step(raw, x, free, step_method, t - s, sb_t, self.dsigma(t), delta, generator)
+                free = x == self.mask_id
+            if not free.any():
+                break
+            raw = net(x, self.sigma_bar(t).expand(batch))
+            probs = self.reverse_probs(raw[free], x[free], t, None if k == steps - 1 else s, method)
+            idx = sample_categorical(probs, generator)
+            x[free] = torch.where(idx == self.vocab_size, self.mask_id, idx) if self.absorb else idx
         return (x, net.nfe) if return_nfe else x

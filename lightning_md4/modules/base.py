@@ -155,10 +155,14 @@ class DiffusionModule(pl.LightningModule):
         was_training = self.net.training
         self.net.eval()
         try:
-            return self.process.sample(self.net, (num_samples, self.hparams.seq_len), steps, grid=grid,
-                                       generator=generator, x=x, device=self.device, return_nfe=True)
+            return self.process.sample(self.net, (num_samples, self.hparams.seq_len), steps, generator=generator,
+                                       x=x, device=self.device, return_nfe=True, **self.sample_kwargs(grid))
         finally:
             self.net.train(was_training)
+
+    def sample_kwargs(self, grid: str) -> dict[str, Any]:
+        """Method-specific sampler options."""
+        return {"grid": grid}
 
     # -- optimisation ----------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
