@@ -8,48 +8,21 @@ For each data set it trains, with the same network (time-conditioned), optimiser
 then reports the test NELBO (bits per token, EMA weights, keyed evaluation noise so runs are
 compared on identical draws) and GenMD4's learned exponents for the most and least frequent tokens.
 
-    python benchmarks/genmd4_vs_md4.py --steps 600 --corpus ../shared/data/tinyshakespeare.txt
+    python -m benchmarks.genmd4_vs_md4 --steps 600 --corpus ../shared/data/tinyshakespeare.txt
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from benchmarks.cli_runs import ROOT, train_and_test
 from datamodules import CharDataModule, DigitsDataModule
 
-ROOT = Path(__file__).resolve().parents[1]
 NET = ["--model.init_args.network.time_conditioning=true"]
-
-
-def run(args: list[str]) -> str:
-    proc = subprocess.run([sys.executable, "-m", "lightning_md4.cli", *args], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"md4 {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout
-
-
-def train_and_test(name: str, base: list[str], overlay: list[str], steps: int, out: Path) -> dict:
-    root = out / name
-    common = [*base, *overlay, f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false"]
-    start = time.perf_counter()
-    run(["fit", *common, f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
-         "--trainer.limit_val_batches=2"])
-    seconds = time.perf_counter() - start
-    text = run(["test", *common, f"--ckpt_path={root / 'checkpoints' / 'last.ckpt'}"])
-    nats = float(re.search(r"test: NELBO ([0-9.]+) nats/token", text).group(1))
-    ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
-    raw = ckpt["state_dict"].get("schedule.raw")
-    return {"run": name, "steps": steps, "train_s": round(seconds, 1), "test_nats": nats,
-            "test_bpt": nats / 0.6931471805599453, "w": F.softplus(raw).tolist() if raw is not None else None}
 
 
 def token_frequencies(dm) -> tuple[torch.Tensor, list[str] | None]:
@@ -87,8 +60,8 @@ def main() -> None:
         dm = DigitsDataModule() if data == "digits" else CharDataModule(args.corpus, seq_len=128)
         freq, names = token_frequencies(dm)
         for name, overlay, steps in runs:
-            r = train_and_test(f"{data}/{name}", base, overlay, steps, out)
-            r.update(data=data, passes=steps * (2 if "rloo" in name else 1))
+            r = train_and_test(out / data / name, [*base, *overlay], steps)
+            r.update(run=name, data=data, passes=steps * (2 if "rloo" in name else 1))
             if r["w"] is not None:
                 order = torch.argsort(freq, descending=True).tolist()
                 label = (lambda i: repr(names[i]) if names else str(i))
@@ -96,10 +69,10 @@ def main() -> None:
                 r["w_least_frequent"] = {label(i): round(r["w"][i], 3) for i in order[-3:] if freq[i] > 0}
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "w"}), flush=True)
-    lines = ["| data | run | steps | network passes | train s | test NELBO (bits/token) | w of most frequent | w of least frequent |",
+    lines = ["| data | run | steps | network passes | fit s | test NELBO (bits/token) | w of most frequent | w of least frequent |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['data']} | {r['run'].split('/')[-1]} | {r['steps']} | {r['passes']} | {r['train_s']} | "
+        lines.append(f"| {r['data']} | {r['run']} | {r['steps']} | {r['passes']} | {r['fit_s']} | "
                      f"{r['test_bpt']:.4f} | {r.get('w_most_frequent', '-')} | {r.get('w_least_frequent', '-')} |")
     table = "\n".join(lines)
     print(table)
