@@ -10,7 +10,7 @@ TINY = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16)
 
 
 class FakeTrainer:
-    world_size, global_rank, global_step = 1, 0, 0
+    world_size, global_rank, global_step, log_every_n_steps = 1, 0, 0, 50
 
 
 def groups_by_size(module):
@@ -77,3 +77,18 @@ def test_genmd4_rloo_uses_two_independent_masks_and_reports_the_nelbo():
     assert objective.requires_grad and not nelbo.requires_grad
     objective.mean().backward()
     assert m.schedule.raw.grad is not None and m.schedule.raw.grad.abs().sum() > 0
+
+
+def test_a_diverged_run_stops_with_a_clear_error(tmp_path):
+    import lightning.pytorch as pl
+    import pytest
+
+    from datamodules import DigitsDataModule
+
+    m = MD4(17, 64, network=TINY)
+    with torch.no_grad():
+        m.net.head.bias.fill_(float("nan"))
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         limit_val_batches=0, default_root_dir=tmp_path, log_every_n_steps=1)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        trainer.fit(m, DigitsDataModule(batch_size=8))

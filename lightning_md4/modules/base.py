@@ -116,6 +116,10 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         objective, nelbo = self.train_objective(batch)
+        # A host sync, so only at logging steps: enough to stop a diverged run before it is checkpointed.
+        if self.global_step % self.trainer.log_every_n_steps == 0 and not torch.isfinite(objective).all():
+            raise FloatingPointError(f"training loss is not finite (NaN or inf) at step {self.global_step}; lower "
+                                     "optim.lr or raise trainer.gradient_clip_val, and resume from the last checkpoint")
         seq_len = batch["x0"].shape[1]
         nats_per_token = nelbo.mean() / seq_len
         self.log("train/nelbo", nats_per_token, prog_bar=True)
