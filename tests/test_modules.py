@@ -92,3 +92,24 @@ def test_a_diverged_run_stops_with_a_clear_error(tmp_path):
                          limit_val_batches=0, default_root_dir=tmp_path, log_every_n_steps=1)
     with pytest.raises(FloatingPointError, match="not finite"):
         trainer.fit(m, DigitsDataModule(batch_size=8))
+
+
+def test_d3pm_exact_test_sums_all_steps(tmp_path):
+    import lightning.pytorch as pl
+
+    from datamodules import DigitsDataModule
+    from lightning_md4.modules import D3PM
+
+    torch.manual_seed(0)
+    m = D3PM(17, 64, T=6, exact_test=True, network=TINY)
+    for p in m.net.parameters():  # away from adaLN-Zero's uniform start, so the draws matter
+        torch.nn.init.normal_(p, std=0.3)
+    dm = DigitsDataModule(batch_size=16, eval_batch_size=16)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, limit_test_batches=1, default_root_dir=tmp_path)
+    nats = trainer.test(m, dm, verbose=False)[0]["test/nelbo"]
+    dm.setup("test")
+    x0 = next(iter(dm.test_dataloader()))["x0"]
+    m.eval()
+    expected = m.process.nelbo_exact(m.net, x0, batch_T=8, generator=torch.Generator().manual_seed(0)).mean() / 64
+    one_draw = m.process.nelbo(m.net, x0, generator=torch.Generator().manual_seed(0)).mean() / 64
+    assert abs(nats - expected.item()) < 1e-5 and abs(nats - one_draw.item()) > 1e-3
