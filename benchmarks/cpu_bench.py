@@ -92,6 +92,7 @@ def load_average() -> float:
 
 
 def make_schedule(name: str) -> Schedule:
+    """The masking schedule of a size's config file."""
     return {"cosine": Cosine, "linear": Linear}[name]()
 
 
@@ -226,6 +227,7 @@ COLUMNS = ("size", "params", "batch x seq", "train steps/s", "tokens/s", "RSS be
 
 
 def table_row(r: dict[str, Any]) -> list[str]:
+    """One size's results as the cells of ``COLUMNS``."""
     return [
         r["size"],
         f"{r['params'] / 1e6:.2f}M",
@@ -252,11 +254,15 @@ def text_table(results: list[dict[str, Any]]) -> str:
     """The results as an aligned plain-text table."""
     rows = [list(COLUMNS)] + [table_row(r) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    fmt = lambda row: "  ".join(cell.rjust(w) for cell, w in zip(row, widths))  # noqa: E731
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(cell.rjust(w) for cell, w in zip(row, widths))
+
     return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]])
 
 
 def environment(threads: int) -> dict[str, Any]:
+    """The machine and software the numbers come from."""
     return {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "cpu": cpu_model(),
@@ -286,6 +292,7 @@ def save(results: list[dict[str, Any]], env: dict[str, Any], args: argparse.Name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``--only`` is internal: the per-size subprocess)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", choices=SIZES, default=list(SIZES))
     p.add_argument("--paper-batch", type=int, default=4, help="training batch of the paper size")
@@ -299,6 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parent: run each size in a subprocess, print and save the table. Child: one size, JSON out."""
     raw = sys.argv[1:] if argv is None else argv
     args = parse_args(raw)
     torch.set_num_threads(args.threads)
