@@ -32,6 +32,17 @@ def time_grid(steps: int, grid: str = "uniform", device: torch.device | str | No
     raise ValueError(f"unknown time grid {grid!r}; choose one of {GRIDS}")
 
 
+def initial_tokens(shape: tuple[int, int], fill: int, x: Tensor | None = None,
+                   device: torch.device | str | None = None) -> Tensor:
+    """The sampler's start: all ``fill`` (the mask), or a copy of the conditioning ``x`` [B, N]
+    that holds given tokens and ``fill`` where tokens are to be generated."""
+    if x is None:
+        return torch.full(shape, fill, dtype=torch.long, device=device)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"conditioning x has shape {tuple(x.shape)}, expected {tuple(shape)}")
+    return x.clone()
+
+
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One draw per row of ``probs`` ``[M, V]`` (need not be normalised), by inverse CDF in float64.
 

@@ -61,8 +61,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_md4.diffusion.noise import uniform_times
-from lightning_md4.sampling import CachedDenoiser, Denoiser, is_time_conditioned, sample_categorical
+from lightning_md4.diffusion.noise import TimeRange
+from lightning_md4.sampling import (
+    CachedDenoiser, Denoiser, initial_tokens, is_time_conditioned, sample_categorical,
+)
 
 KINDS = ("absorb", "uniform")
 SCHEDULES = ("linear", "cosine")
@@ -112,7 +114,7 @@ def _alpha_table(T: int, schedule: str) -> tuple[Tensor, Tensor]:
     raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
 
 
-class DiscreteDiffusion:
+class DiscreteDiffusion(TimeRange):
     """The D3PM process: forward noising, the T-step bound L_vb, the hybrid loss, ancestral sampling.
 
     ``vocab_size``: V real tokens; ``T``: number of steps; ``kind``: ``absorb`` or ``uniform``;
@@ -315,16 +317,6 @@ class DiscreteDiffusion:
     def _t_input(self, t_index: Tensor) -> Tensor:
         return t_index.double() / self.T
 
-    @staticmethod
-    def time_from_uniform(u: Tensor) -> Tensor:
-        """Times are uniform on [0, 1) (mapped to steps by ``step_index``): the identity."""
-        return u
-
-    def sample_times(self, batch: int, device: torch.device, antithetic: bool = True,
-                     generator: torch.Generator | None = None) -> Tensor:
-        """One time per sequence in [0, 1), float64 ``[batch]``; stratified across the batch if antithetic."""
-        return self.time_from_uniform(uniform_times(batch, device, antithetic, generator))
-
     def step_index(self, t: Tensor) -> Tensor:
         """Step ``i = floor(t T) + 1`` in 1..T of continuous times t in [0, 1] (MD4's ``nelbo_discrete``)."""
         return torch.clamp(torch.floor(t.double() * self.T) + 1, 1, self.T).long()
@@ -407,12 +399,7 @@ class DiscreteDiffusion:
         steps = self.T if steps is None else steps
         times = self.step_grid(steps)
         V = self.vocab_size
-        if x is None:
-            x = torch.full(shape, self.generate_id, dtype=torch.long, device=device)
-        else:
-            if tuple(x.shape) != tuple(shape):
-                raise ValueError(f"conditioning x has shape {tuple(x.shape)}, expected {tuple(shape)}")
-            x = x.clone()
+        x = initial_tokens(shape, self.generate_id, x, device)
         free = x == self.generate_id
         if self.kind == "uniform":
             x[free] = torch.randint(0, V, (int(free.sum()),), device=x.device, generator=generator)

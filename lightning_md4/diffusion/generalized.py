@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_md4.diffusion.noise import uniform_times
-from lightning_md4.sampling import CachedDenoiser, Denoiser, is_time_conditioned, sample_categorical, time_grid
+from lightning_md4.diffusion.noise import TimeRange
+from lightning_md4.sampling import (
+    CachedDenoiser, Denoiser, initial_tokens, is_time_conditioned, sample_categorical, time_grid,
+)
 
 
 class PerTokenSchedule(nn.Module):
@@ -48,7 +50,7 @@ class PerTokenSchedule(nn.Module):
         return torch.log(-torch.expm1(self.log_mask_prob(w, t)))
 
 
-class GenMaskedDiffusion:
+class GenMaskedDiffusion(TimeRange):
     """The GenMD4 process with the same public API as ``MaskedDiffusion``.
 
     Times live in ``[t_min, 1]``: a uniform draw u becomes ``t = t_min + (1 - t_min) u`` and the
@@ -65,13 +67,6 @@ class GenMaskedDiffusion:
         self.vocab_size = vocab_size
         self.mask_id = vocab_size
         self.t_min = t_min
-
-    def time_from_uniform(self, u: Tensor) -> Tensor:
-        return self.t_min + (1.0 - self.t_min) * u
-
-    def sample_times(self, batch: int, device: torch.device, antithetic: bool = True,
-                     generator: torch.Generator | None = None) -> Tensor:
-        return self.time_from_uniform(uniform_times(batch, device, antithetic, generator))
 
     # -- forward process -------------------------------------------------------------------
     def forward_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None,
@@ -174,10 +169,7 @@ class GenMaskedDiffusion:
         true posterior p(x0[n] | xt) (the optimum of eq. 12). Given tokens of ``x`` never change;
         anything still masked at the end takes the argmax.
         """
-        if x is None:
-            x = torch.full(shape, self.mask_id, dtype=torch.long, device=device)
-        else:
-            x = x.clone()
+        x = initial_tokens(shape, self.mask_id, x, device)
         reuse = (not is_time_conditioned(denoiser)) if cache is None else cache
         net = CachedDenoiser(denoiser, reuse)
         w = self.schedule.w.detach().double().to(x.device)

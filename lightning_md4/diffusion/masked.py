@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_md4.diffusion.noise import uniform_times
-from lightning_md4.sampling import CachedDenoiser, Denoiser, is_time_conditioned, sample_categorical, time_grid
+from lightning_md4.diffusion.noise import TimeRange
+from lightning_md4.sampling import (
+    CachedDenoiser, Denoiser, initial_tokens, is_time_conditioned, sample_categorical, time_grid,
+)
 from lightning_md4.schedules import Schedule
 
 
@@ -28,7 +30,7 @@ def masked_cross_entropy(logits: Tensor, x0: Tensor, mask: Tensor) -> Tensor:
     return (ce.view(B, N) * mask).sum(-1)
 
 
-class MaskedDiffusion:
+class MaskedDiffusion(TimeRange):
     """The MD4 process: forward masking, the continuous and discrete NELBOs, ancestral sampling.
 
     Endpoint rule: when the schedule does not reach alpha(0) = 1 and alpha(1) = 0 (clipping, the
@@ -65,16 +67,6 @@ class MaskedDiffusion:
         zero, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
         leak = float(self.schedule.one_minus_alpha(zero)) + float(self.schedule.alpha(one))
         return seq_len * leak * math.log(self.vocab_size)
-
-    @staticmethod
-    def time_from_uniform(u: Tensor) -> Tensor:
-        """Times are uniform on [0, 1]: the identity (methods with a time range map u into it)."""
-        return u
-
-    def sample_times(self, batch: int, device: torch.device, antithetic: bool = True,
-                     generator: torch.Generator | None = None) -> Tensor:
-        """One time per sequence, float64 ``[batch]``; stratified across the batch if antithetic."""
-        return self.time_from_uniform(uniform_times(batch, device, antithetic, generator))
 
     # -- losses ----------------------------------------------------------------------------
     def nelbo(self, denoiser: Denoiser, x0: Tensor, t: Tensor | None = None, antithetic: bool = True,
@@ -133,12 +125,7 @@ class MaskedDiffusion:
         denoiser declares ``time_conditioned = False``) reuses the network output until a token
         changes. Returns the tokens ``[B, N]``, and the number of network evaluations if asked.
         """
-        if x is None:
-            x = torch.full(shape, self.mask_id, dtype=torch.long, device=device)
-        else:
-            if tuple(x.shape) != tuple(shape):
-                raise ValueError(f"conditioning x has shape {tuple(x.shape)}, expected {tuple(shape)}")
-            x = x.clone()
+        x = initial_tokens(shape, self.mask_id, x, device)
         reuse = (not is_time_conditioned(denoiser)) if cache is None else cache
         net = CachedDenoiser(denoiser, reuse)
         times = time_grid(steps, grid, device=x.device)

@@ -41,8 +41,10 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_md4.diffusion.noise import uniform_times
-from lightning_md4.sampling import CachedDenoiser, Denoiser, is_time_conditioned, sample_categorical, time_grid
+from lightning_md4.diffusion.noise import TimeRange
+from lightning_md4.sampling import (
+    CachedDenoiser, Denoiser, initial_tokens, is_time_conditioned, sample_categorical, time_grid,
+)
 
 NOISES = ("loglinear", "geometric")
 GRAPHS = ("absorb", "uniform")
@@ -55,7 +57,7 @@ def log_expm1(x: Tensor) -> Tensor:
     return torch.where(big, x + torch.log1p(-torch.exp(-torch.where(big, x, 1.0))), torch.log(torch.expm1(x)))
 
 
-class ScoreEntropyDiffusion:
+class ScoreEntropyDiffusion(TimeRange):
     """The SEDD process: forward noise, the denoising score entropy, its NELBO, two samplers.
 
     Same public API as ``MaskedDiffusion`` (``forward_sample``, ``nelbo``, ``endpoint_terms``,
@@ -136,15 +138,6 @@ class ScoreEntropyDiffusion:
         return -torch.expm1(-self.sigma_bar(t))
 
     # -- forward process -------------------------------------------------------------------
-    def time_from_uniform(self, u: Tensor) -> Tensor:
-        """Map uniforms in [0, 1] to times in [t_min, 1]."""
-        return self.t_min + (1.0 - self.t_min) * u
-
-    def sample_times(self, batch: int, device: torch.device, antithetic: bool = True,
-                     generator: torch.Generator | None = None) -> Tensor:
-        """One time per sequence in [t_min, 1), float64 ``[batch]``; stratified across the batch if antithetic."""
-        return self.time_from_uniform(uniform_times(batch, device, antithetic, generator))
-
     def forward_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None,
                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Noise each token of ``x0`` [B, N] independently to time t [B]; returns ``(xt, hit)``.
@@ -376,12 +369,7 @@ class ScoreEntropyDiffusion:
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-        if x is None:
-            x = torch.full(shape, self.mask_id, dtype=torch.long, device=device)
-        else:
-            if tuple(x.shape) != tuple(shape):
-                raise ValueError(f"conditioning x has shape {tuple(x.shape)}, expected {tuple(shape)}")
-            x = x.clone()
+        x = initial_tokens(shape, self.mask_id, x, device)
         free = x == self.mask_id
         if not self.absorb:
             start = torch.randint(self.vocab_size, x.shape, device=x.device, generator=generator)
