@@ -56,12 +56,13 @@ class SampleLogger(pl.Callback):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         tokens, nfe = pl_module.sample(self.num_samples, self.steps, self.grid, generator=generator)
         step = trainer.global_step
+        images = trainer.datamodule.to_images(tokens.cpu())
+        grid = None if images is None else make_grid(upscale(images), nrow=int(math.ceil(math.sqrt(len(images)))),
+                                                     pad_value=1.0)
+        text = trainer.datamodule.decode(tokens.cpu())
         for lg in loggers:
-            images = trainer.datamodule.to_images(tokens.cpu())
-            if images is not None:
-                nrow = int(math.ceil(math.sqrt(len(images))))
-                lg.experiment.add_image("samples", make_grid(upscale(images), nrow=nrow, pad_value=1.0), step)
-            text = trainer.datamodule.decode(tokens.cpu())
+            if grid is not None:
+                lg.experiment.add_image("samples", grid, step)
             if text is not None:
                 # Markdown code block so TensorBoard keeps spaces and line breaks.
                 lg.experiment.add_text("samples", "\n\n".join(f"    {line}" for line in text), step)

@@ -95,11 +95,13 @@ def resolve_class(class_path: str, base: type) -> type:
 
 def check_ckpt_argument(argv: list[str]) -> None:
     """Validate a ``--ckpt_path FILE`` before LightningCLI reads it (it would fail with a traceback)."""
+    if argv[:1] == ["sample"]:  # sample_main loads and checks its checkpoint itself
+        return
     for i, arg in enumerate(argv):
         value = argv[i + 1] if arg == "--ckpt_path" and i + 1 < len(argv) else None
         if arg.startswith("--ckpt_path="):
             value = arg.split("=", 1)[1]
-        if value is not None and value not in ("last", "best", "null") and argv[:1] != ["sample"]:
+        if value is not None and value not in ("last", "best", "null"):
             load_checkpoint(value)
 
 

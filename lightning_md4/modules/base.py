@@ -84,10 +84,10 @@ class DiffusionModule(pl.LightningModule):
         """
         x0, index = batch["x0"], batch["index"]
         B, N = x0.shape
-        step = torch.tensor([self.global_step], device=x0.device)
-        u = keyed_uniform(self.hparams.seed, step, 1, stream=TRAIN_TIME_STREAM)[0, 0]
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        if self.hparams.antithetic:
+        if self.hparams.antithetic:  # the same offset on every rank, each rank its own strata
+            step = torch.tensor([self.global_step], device=x0.device)
+            u = keyed_uniform(self.hparams.seed, step, 1, stream=TRAIN_TIME_STREAM)[0, 0]
+            world, rank = self.trainer.world_size, self.trainer.global_rank
             u = stratified_times(u, B, offset=rank * B, total=world * B)
         else:
             u = keyed_uniform(self.hparams.seed, index, 1, stream=TRAIN_TIME_STREAM + 1 + self.global_step)[:, 0]
@@ -192,12 +192,12 @@ class DiffusionModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model with an error that names the difference."""
         theirs = checkpoint.get("hyper_parameters", {})
-        their_net = theirs.get("network") or TransformerConfig()
+        their_net = theirs.get("network") or asdict(TransformerConfig())
         differences = {
             "model class": (theirs.get("_class_path", type(self).__name__).rsplit(".", 1)[-1], type(self).__name__),
             "vocab_size": (theirs.get("vocab_size", self.hparams.vocab_size), self.hparams.vocab_size),
             "seq_len": (theirs.get("seq_len", self.hparams.seq_len), self.hparams.seq_len),
-            "network": (their_net if isinstance(their_net, dict) else asdict(their_net), asdict(self.net.cfg)),
+            "network": (their_net, asdict(self.net.cfg)),
         }
         for key, (other, mine) in differences.items():
             if other != mine:
