@@ -26,7 +26,25 @@ Item = dict[str, Any]
 
 
 class DataError(ValueError):
-    """A data file is missing, corrupt or not what the data module expects."""
+    """A data file is missing, corrupt or not what the data module expects, or a data setting is invalid."""
+
+
+DEFAULT_BATCH_SIZE = 64  # per device, when neither batch_size nor global_batch_size is set
+
+
+def per_device_batch(global_batch_size: int, num_nodes: int, devices: int, accumulate_grad_batches: int) -> int:
+    """The per-device batch that makes ``global_batch_size`` over all nodes, devices and accumulated steps.
+
+    Raises:
+        DataError: the global batch does not divide exactly.
+    """
+    shards = num_nodes * devices * accumulate_grad_batches
+    if global_batch_size % shards:
+        raise DataError(
+            f"data.init_args.global_batch_size {global_batch_size} does not divide over {num_nodes} node(s) x "
+            f"{devices} device(s) x {accumulate_grad_batches} accumulated batch(es) = {shards}; use a multiple of "
+            f"{shards} or change trainer.num_nodes, trainer.devices or trainer.accumulate_grad_batches")
+    return global_batch_size // shards
 
 
 class UnrepeatedDistributedSampler(DistributedSampler):
@@ -142,16 +160,37 @@ class TokenDataModule(pl.LightningDataModule):
     rebuild them), make :attr:`vocab_size` and :attr:`seq_len` available right after ``__init__``
     (the CLI links them into the model before any data is loaded), and implement :meth:`_build`.
 
+    The training batch is set either per device (``batch_size``) or for the whole run
+    (``global_batch_size``, which stays fixed as nodes, devices or gradient accumulation change):
+    at ``setup`` the per-device batch becomes ``global_batch_size / (num_nodes * devices *
+    accumulate_grad_batches)``, which must divide exactly. Setting both is allowed only when
+    they agree; setting neither means :data:`DEFAULT_BATCH_SIZE` per device.
+
     Args:
         batch_size: training batch size per device.
-        eval_batch_size: validation/test batch size per device; ``None`` means ``batch_size``.
+        eval_batch_size: validation/test batch size per device; ``None`` means the per-device
+            training batch.
         num_workers: data loader worker processes.
+        global_batch_size: training batch summed over all devices, nodes and accumulated steps.
     """
 
-    def __init__(self, batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int | None = None,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        global_batch_size: int | None = None,
+    ) -> None:
         super().__init__()
-        self.batch_size = batch_size
-        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                           ("global_batch_size", global_batch_size)):
+            if value is not None and value < 1:
+                raise DataError(f"data.init_args.{key} is {value}; it must be a positive integer")
+        self.requested_batch_size = batch_size
+        self.global_batch_size = global_batch_size
+        self.requested_eval_batch_size = eval_batch_size
+        self.batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+        self.eval_batch_size = self.batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -172,9 +211,28 @@ class TokenDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
+        self._split_global_batch()
         # All splits are cheap to build (small or memory-mapped), so build them once for any stage.
         if self.train_set is None:
             self._build()
+
+    def _split_global_batch(self) -> None:
+        """Set the per-device batch from ``global_batch_size`` and the trainer's layout."""
+        if self.global_batch_size is None:
+            return
+        if self.trainer is not None:
+            nodes, devices = self.trainer.num_nodes, self.trainer.num_devices
+            accumulate = self.trainer.accumulate_grad_batches
+        else:
+            nodes, (devices, _), accumulate = 1, self._world(), 1
+        self.batch_size = per_device_batch(self.global_batch_size, nodes, devices, accumulate)
+        if self.requested_batch_size is not None and self.requested_batch_size != self.batch_size:
+            raise DataError(
+                f"data.init_args.batch_size {self.requested_batch_size} (per device) disagrees with "
+                f"data.init_args.global_batch_size {self.global_batch_size}, which gives {self.batch_size} per device "
+                f"on {nodes} node(s) x {devices} device(s) x {accumulate} accumulated batch(es); set one of them to null")
+        if self.requested_eval_batch_size is None:
+            self.eval_batch_size = self.batch_size
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)

@@ -28,7 +28,7 @@ class CharDataModule(TokenDataModule):
         val_fraction, test_fraction: shares of the file (from its end) for validation and test.
         vocab: the characters, token ``k`` being ``vocab[k]``; ``None`` derives it from the file.
             A file character missing from a given ``vocab`` is an error.
-        batch_size, eval_batch_size, num_workers: see :class:`TokenDataModule`.
+        batch_size, eval_batch_size, num_workers, global_batch_size: see :class:`TokenDataModule`.
     """
 
     def __init__(
@@ -38,11 +38,12 @@ class CharDataModule(TokenDataModule):
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         vocab: str | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        global_batch_size: int | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size)
         self.save_hyperparameters()
         self.path = Path(path).expanduser()
         text = self._read()

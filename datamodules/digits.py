@@ -21,7 +21,7 @@ class DigitsDataModule(TokenDataModule):
 
     Args:
         split_seed: seed of the permutation that assigns images to splits.
-        batch_size, eval_batch_size, num_workers: see :class:`TokenDataModule`.
+        batch_size, eval_batch_size, num_workers, global_batch_size: see :class:`TokenDataModule`.
     """
 
     # Masked pixels render as mid grey. That is also the shade of level 8, but real digits are
@@ -31,11 +31,12 @@ class DigitsDataModule(TokenDataModule):
     def __init__(
         self,
         split_seed: int = 0,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        global_batch_size: int | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size)
         self.save_hyperparameters()
 
     @property

@@ -51,7 +51,7 @@ class Text8DataModule(TokenDataModule):
         seq_len: characters per example.
         split: ``(train, val, test)`` character counts; the file must hold exactly their sum.
             ``None`` means the standard ``(90_000_000, 5_000_000, 5_000_000)``.
-        batch_size, eval_batch_size, num_workers: see :class:`TokenDataModule`.
+        batch_size, eval_batch_size, num_workers, global_batch_size: see :class:`TokenDataModule`.
     """
 
     def __init__(
@@ -61,11 +61,12 @@ class Text8DataModule(TokenDataModule):
         download: bool = True,
         seq_len: int = 256,
         split: tuple[int, int, int] | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        global_batch_size: int | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size)
         self.save_hyperparameters()
         self.split = DEFAULT_SPLIT if split is None else tuple(split)
         if len(self.split) != 3 or min(self.split) < seq_len:
