@@ -1,0 +1,113 @@
+"""Zero-shot sets: each detokenizer on known strings, packing per example, too-short sets, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from datamodules.base import DataError
+from datamodules.tokenizer import load_tokenizer
+from datamodules.zeroshot import (ZeroShotDataModule, lambada_detokenize, lm1b_detokenize, ptb_detokenize,
+                                  wikitext_detokenize)
+from textdata import documents, train_bpe
+
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    return train_bpe(tmp_path_factory.mktemp("bpe") / "tokenizer.json")
+
+
+@pytest.mark.parametrize("raw, clean", [
+    (" = = Early life = = \n", " == Early life ==\n"),
+    (" The 1 @,@ 000 @-@ year @-@ old ( approx . 3 @.@ 5 m ) , he said \" hello there \" . \n",
+     ' The 1,000-year-old (approx. 3.5 m), he said "hello there".\n'),
+    ("It 's the band 's first album ; critics were n't sure : 8 % liked it ! \n",
+     "It's the band's first album; critics weren't sure: 8% liked it!\n"),
+])
+def test_wikitext(raw, clean):
+    assert wikitext_detokenize(raw) == clean
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("the company 's shares fell N % to $ N a share", "the company's shares fell 1% to $1 a share"),
+    ("mr. <unk> said he does n't expect 1\\/2 of the traders ' profits", "mr. ? said he doesn't expect 1/2 of the traders' profits"),
+])
+def test_ptb(raw, clean):
+    assert ptb_detokenize(raw) == clean
+
+
+def test_lambada():
+    assert lambada_detokenize("  \u201cHi,\u201d she said.  ") == '\n"Hi," she said.'
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ('He said : " I do n\'t know ( really ) . "', 'He said: "I don\'t know (really)."'),
+    ("See http : / / example.com / page ; it costs $ 5 , or £ 4 ?", "See http://example.com/page; it costs $5, or £4?"),
+])
+def test_lm1b(raw, clean):
+    assert lm1b_detokenize(raw) == clean
+
+
+def expected_blocks(examples: list[str], tokenizer, seq_len: int) -> np.ndarray:
+    stream = []
+    for text in examples:
+        stream += tokenizer.tokenizer.encode(text).ids + [tokenizer.eos_id]
+    full = len(stream) // seq_len
+    return np.array(stream[: full * seq_len]).reshape(full, seq_len)
+
+
+def blocks(dm: ZeroShotDataModule) -> np.ndarray:
+    return np.stack([dm.test_set[i]["x0"].numpy() for i in range(len(dm.test_set))])
+
+
+def make(name: str, path, bpe, tmp_path, seq_len: int = SEQ) -> ZeroShotDataModule:
+    dm = ZeroShotDataModule(name, path=str(path), tokenizer=str(bpe), data_dir=str(tmp_path / "cache"),
+                            seq_len=seq_len, batch_size=2)
+    dm.prepare_data()
+    dm.setup("test")
+    return dm
+
+
+def test_wikitext_lines_are_examples_with_newlines_kept(tmp_path, bpe):
+    lines = [" = Title = \n", "\n", " the cat @-@ like dog sat , he said . \n", *(d + "\n" for d in documents(20))]
+    path = tmp_path / "wiki.train.raw"
+    path.write_text("".join(lines))
+    dm = make("wikitext2", path, bpe, tmp_path)
+    tok = load_tokenizer(str(bpe))
+    np.testing.assert_array_equal(blocks(dm), expected_blocks([wikitext_detokenize(x) for x in lines], tok, SEQ))
+    assert dm.num_tokens == len(dm.test_set) * SEQ > 0
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["x0"].shape == (2, SEQ) and batch["index"].tolist() == [0, 1]
+
+
+def test_ptb_lines_lose_their_newline_and_lambada_reads_jsonl(tmp_path, bpe):
+    tok = load_tokenizer(str(bpe))
+    sentences = [d.lower() for d in documents(20)]
+    (tmp_path / "ptb.test.txt").write_text("".join(s + "\n" for s in sentences))
+    dm = make("ptb", tmp_path / "ptb.test.txt", bpe, tmp_path)
+    np.testing.assert_array_equal(blocks(dm), expected_blocks([ptb_detokenize(s) for s in sentences], tok, SEQ))
+    passages = documents(20, seed=3)
+    (tmp_path / "lambada_test.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in passages))
+    dm = make("lambada", tmp_path / "lambada_test.jsonl", bpe, tmp_path)
+    np.testing.assert_array_equal(blocks(dm), expected_blocks([lambada_detokenize(p) for p in passages], tok, SEQ))
+
+
+def test_a_set_shorter_than_one_block_is_an_error(tmp_path, bpe):
+    (tmp_path / "short.txt").write_text("the cat sat\n")
+    with pytest.raises(DataError, match=r"has \d+ tokens, fewer than one 64-token block"):
+        make("lm1b", tmp_path / "short.txt", bpe, tmp_path, seq_len=64)
+
+
+def test_bad_inputs(tmp_path, bpe):
+    with pytest.raises(DataError, match="unknown zero-shot set 'wiki'"):
+        ZeroShotDataModule("wiki", path=None, tokenizer=str(bpe))
+    with pytest.raises(DataError, match="does not exist"):
+        ZeroShotDataModule("ptb", path=str(tmp_path / "missing.txt"), tokenizer=str(bpe))
+    (tmp_path / "wiki.raw").write_text("".join(d + "\n" for d in documents(20)))
+    dm = make("wikitext103", tmp_path / "wiki.raw", bpe, tmp_path)
+    with pytest.raises(DataError, match="evaluation only"):
+        dm.train_dataloader()
