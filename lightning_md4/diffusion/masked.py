@@ -7,6 +7,7 @@ Tokens are ids ``0..V-1``; the mask id is ``V``. The denoiser maps ``(xt [B, N],
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +42,17 @@ class MaskedDiffusion(TimeRange):
     schedules both are zero.
     """
 
-    def __init__(self, schedule: Schedule, vocab_size: int) -> None:
+    def __init__(self, schedule: Schedule, vocab_size: int, logits_at: Literal["all", "masked"] = "all") -> None:
+        """``logits_at="masked"`` asks the denoiser for logits at masked positions only (it must
+        accept ``positions=``); the loss is the same, the output head runs on fewer rows."""
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        if logits_at not in ("all", "masked"):
+            raise ValueError(f"logits_at must be 'all' or 'masked', got {logits_at!r}")
         self.schedule = schedule
         self.vocab_size = vocab_size
         self.mask_id = vocab_size
+        self.logits_at = logits_at
 
     # -- forward process -------------------------------------------------------------------
     def forward_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None,
@@ -69,6 +75,16 @@ class MaskedDiffusion(TimeRange):
         return seq_len * leak * math.log(self.vocab_size)
 
     # -- losses ----------------------------------------------------------------------------
+    def cross_entropy(self, denoiser: Denoiser, xt: Tensor, t: Tensor, x0: Tensor, mask: Tensor) -> Tensor:
+        """Sum over masked positions of -log p(x0 | xt), ``[B]`` (see ``logits_at``)."""
+        if self.logits_at == "all":
+            return masked_cross_entropy(denoiser(xt, t), x0, mask)
+        logits = denoiser(xt, t, positions=mask)  # [M, V], M = number of masked tokens
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        per_token = torch.zeros(mask.shape, dtype=dtype, device=logits.device)
+        per_token[mask] = F.cross_entropy(logits.to(dtype), x0[mask], reduction="none")
+        return per_token.sum(-1)
+
     def nelbo(self, denoiser: Denoiser, x0: Tensor, t: Tensor | None = None, antithetic: bool = True,
               noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Continuous-time negative ELBO (paper eq. 5), nats per sequence ``[B]``, one t per sequence.
@@ -79,7 +95,7 @@ class MaskedDiffusion(TimeRange):
         if t is None:
             t = self.sample_times(x0.shape[0], x0.device, antithetic, generator)
         xt, mask = self.forward_sample(x0, t, noise, generator)
-        ce = masked_cross_entropy(denoiser(xt, t), x0, mask)
+        ce = self.cross_entropy(denoiser, xt, t, x0, mask)
         weight = self.schedule.loss_weight(t.double()).to(ce.dtype)
         # At t = 0 an unclipped schedule masks nothing and the weight is infinite: the term is 0.
         loss = torch.where(mask.any(-1), weight * ce, torch.zeros_like(ce))
@@ -101,7 +117,7 @@ class MaskedDiffusion(TimeRange):
         i = torch.clamp(torch.floor(t.double() * T) + 1, 1, T)
         t_i, s_i = i / T, (i - 1) / T
         xt, mask = self.forward_sample(x0, t_i, noise, generator)
-        ce = masked_cross_entropy(denoiser(xt, t_i), x0, mask)
+        ce = self.cross_entropy(denoiser, xt, t_i, x0, mask)
         sch = self.schedule
         weight = T * (sch.alpha(s_i) - sch.alpha(t_i)) / sch.one_minus_alpha(t_i)
         return weight.to(ce.dtype) * ce + self.endpoint_terms(x0.shape[1])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from lightning_md4.diffusion.masked import MaskedDiffusion
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
-from lightning_md4.nets.transformer import TransformerConfig
+from lightning_md4.nets import NetworkConfig
 from lightning_md4.schedules import make_schedule
 
 
@@ -15,19 +17,21 @@ class MD4(DiffusionModule):
         schedule: ``linear``, ``cosine``, ``polynomial`` or ``geometric``.
         schedule_kwargs: the schedule's parameters, e.g. ``{k: 2.0}`` for polynomial,
             ``{clip_eps: 1e-4}`` for the official code's clipping.
+        logits_at: ``masked`` runs the output head on masked positions only (same loss, fewer
+            FLOPs, but a host sync; measured in benchmarks/README.md), ``all`` on every position.
         (the rest: see ``DiffusionModule``)
     """
 
     def __init__(self, vocab_size: int, seq_len: int, schedule: str = "linear",
-                 schedule_kwargs: dict[str, float] | None = None, network: TransformerConfig | None = None,
+                 schedule_kwargs: dict[str, float] | None = None, network: NetworkConfig | None = None,
                  optim: OptimConfig | None = None, antithetic: bool = True, seed: int = 0,
-                 eval_seed: int = 0) -> None:
+                 eval_seed: int = 0, logits_at: Literal["all", "masked"] = "all") -> None:
         super().__init__(vocab_size, seq_len, network, optim, antithetic, seed, eval_seed)
         try:
             sch = make_schedule(schedule, **(schedule_kwargs or {}))
         except TypeError as err:
             raise ValueError(f"bad schedule_kwargs {schedule_kwargs} for schedule {schedule!r}: {err}") from None
-        self._process = MaskedDiffusion(sch, vocab_size)
+        self._process = MaskedDiffusion(sch, vocab_size, logits_at)
 
     @property
     def process(self) -> MaskedDiffusion:

@@ -140,7 +140,10 @@ class Transformer(nn.Module):
             return F.silu(self.cond(timestep_embedding(t, self.cfg.d_cond).to(self.embed.weight.dtype)))
         return F.silu(self.cond_const).expand(t.shape[0], -1)
 
-    def forward(self, xt: Tensor, t: Tensor) -> Tensor:
+    def forward(self, xt: Tensor, t: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Logits ``[B, N, V]``; with ``positions`` (bool ``[B, N]``) only those rows, ``[M, V]``
+        in the order of ``logits[positions]``: the head is a quarter of the FLOPs at a GPT-2
+        vocabulary and a loss over masked tokens needs no other rows."""
         B, N = xt.shape
         c = self.conditioning(t).to(self.embed.weight.dtype)
         cos, sin = self.rotary(N, xt.device)
@@ -148,7 +151,8 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, c, cos, sin)
         shift, scale = self.ada_out(c).chunk(2, dim=-1)
-        return self.head(modulate(self.norm_out(x), shift, scale))
+        h = modulate(self.norm_out(x), shift, scale)
+        return self.head(h if positions is None else h[positions])
 
     def num_params(self, exclude_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
