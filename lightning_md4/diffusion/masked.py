@@ -96,10 +96,10 @@ class MaskedDiffusion(TimeRange):
             t = self.sample_times(x0.shape[0], x0.device, antithetic, generator)
         xt, mask = self.forward_sample(x0, t, noise, generator)
         ce = self.cross_entropy(denoiser, xt, t, x0, mask)
-        weight = self.schedule.loss_weight(t.double()).to(ce.dtype)
         # At t = 0 an unclipped schedule masks nothing and the weight is infinite: the term is 0.
-        loss = torch.where(mask.any(-1), weight * ce, torch.zeros_like(ce))
-        return loss + self.endpoint_terms(x0.shape[1])
+        # The weight itself is zeroed (not only the product), or the backward pass gives 0 * inf = NaN.
+        weight = torch.where(mask.any(-1), self.schedule.loss_weight(t.double()), 0.0).to(ce.dtype)
+        return weight * ce + self.endpoint_terms(x0.shape[1])
 
     def nelbo_discrete(self, denoiser: Denoiser, x0: Tensor, T: int, t: Tensor | None = None,
                        antithetic: bool = True, noise: Tensor | None = None,

@@ -1,0 +1,158 @@
+"""The speed levers change how the loss is computed, never its value (issue 8).
+
+Each optimised path is compared with the plain one: exactly in float64 where the arithmetic is
+the same, within float32 rounding where compilation reorders it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
+from datamodules.base import DataError
+from datamodules.tokens import TokenFileDataModule
+from lightning_md4.diffusion.masked import MaskedDiffusion
+from lightning_md4.modules import MD4
+from lightning_md4.nets import TransformerConfig
+from lightning_md4.nets.transformer import Transformer
+from lightning_md4.schedules import Cosine, Linear
+from lightning_md4.throughput import CompileNetwork, ForeachEMA
+
+TINY = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16, time_conditioning=True)
+
+
+def float64_net(vocab: int = 7) -> Transformer:
+    torch.manual_seed(0)
+    net = Transformer(vocab, TINY).double()
+    for p in net.parameters():  # adaLN-Zero starts at zero; random weights make every path matter
+        torch.nn.init.normal_(p, std=0.3)
+    return net
+
+
+@pytest.mark.parametrize("schedule", [Linear(), Cosine()])
+def test_head_on_masked_tokens_gives_the_same_nelbo_and_gradients(schedule):
+    vocab, B, N = 7, 6, 10
+    x0 = torch.randint(vocab, (B, N), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.0, 0.4, 0.5, 0.6, 0.8, 1.0], dtype=torch.float64)
+    noise = torch.rand(B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for logits_at in ("all", "masked"):
+        net = float64_net(vocab)
+        process = MaskedDiffusion(schedule, vocab, logits_at=logits_at)
+        nelbo = process.nelbo(net, x0, t=t, noise=noise)
+        discrete = process.nelbo_discrete(net, x0, 10, t=t, noise=noise)
+        (nelbo.sum() + discrete.sum()).backward()
+        results.append((nelbo.detach(), discrete.detach(), [p.grad.clone() for p in net.parameters()]))
+    (n_all, d_all, g_all), (n_masked, d_masked, g_masked) = results
+    assert n_all[0] == 0 and (n_all[1:] > 0).all()  # t = 0 masks nothing; the rest have masks
+    assert all(torch.isfinite(g).all() for g in g_all)  # the infinite weight at t = 0 must not leak NaN
+    torch.testing.assert_close(n_masked, n_all, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d_masked, d_all, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_all, g_masked):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_masked_logits_are_the_rows_of_the_full_logits():
+    net = float64_net()
+    xt = torch.randint(8, (3, 5))
+    t = torch.rand(3, dtype=torch.float64)
+    positions = torch.rand(3, 5) < 0.5
+    torch.testing.assert_close(net(xt, t, positions=positions), net(xt, t)[positions], rtol=0, atol=0)
+
+
+def test_unknown_logits_at_is_refused():
+    with pytest.raises(ValueError, match="logits_at"):
+        MaskedDiffusion(Linear(), 5, logits_at="some")
+
+
+def test_compiled_network_gives_the_plain_loss_and_gradients():
+    torch.manual_seed(0)
+    vocab, B, N = 11, 4, 16
+    plain = Transformer(vocab, TINY)
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    compiled = copy.deepcopy(plain)
+    compiled.compile(dynamic=False)
+    process = MaskedDiffusion(Cosine(), vocab)
+    x0 = torch.randint(vocab, (B, N))
+    t = torch.rand(B, dtype=torch.float64)
+    noise = torch.rand(B, N, dtype=torch.float64)
+    losses = []
+    for net in (plain, compiled):
+        loss = process.nelbo(net, x0, t=t, noise=noise)
+        loss.sum().backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(plain.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def token_data(tmp_path, vocab=13, seq_len=16, n=4096) -> TokenFileDataModule:
+    path = tmp_path / "tokens.npy"
+    np.save(path, np.random.default_rng(0).integers(0, vocab, n, dtype=np.uint16))
+    return TokenFileDataModule(str(path), vocab, seq_len, val_tokens=64, test_tokens=64, batch_size=8)
+
+
+def fit(data: TokenFileDataModule, tmp_path, callbacks, steps: int = 6, **model_kwargs) -> tuple[MD4, list[float]]:
+    pl.seed_everything(0)
+    model = MD4(data.vocab_size, data.seq_len, network=TINY, optim={"lr": 1e-2, "warmup_steps": 1}, **model_kwargs)
+    losses: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         limit_val_batches=0, callbacks=[*callbacks, Record()], default_root_dir=tmp_path,
+                         enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    return model, losses
+
+
+def test_all_levers_together_train_like_the_plain_run(tmp_path):
+    """EMA weights, losses and the final EMA state agree between the plain and the optimised run."""
+    data = token_data(tmp_path)
+    plain, plain_losses = fit(data, tmp_path, [EMAWeightAveraging(decay=0.9)])
+    fast, fast_losses = fit(data, tmp_path, [ForeachEMA(decay=0.9), CompileNetwork()], logits_at="masked")
+    np.testing.assert_allclose(fast_losses, plain_losses, rtol=1e-4)
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):  # after fit these are the EMA weights
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_foreach_ema_equals_lightnings_ema_and_resumes(tmp_path):
+    data = token_data(tmp_path)
+    ref, _ = fit(data, tmp_path, [EMAWeightAveraging(decay=0.8)], steps=5)
+    ema = ForeachEMA(decay=0.8)
+    mine, _ = fit(data, tmp_path, [ema], steps=5)
+    for (name, a), b in zip(ref.named_parameters(), mine.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+    assert int(ema._average_model.n_averaged) == 5
+    # A resumed EMA continues from its restored count instead of copying the weights afresh.
+    restored = ForeachEMA(decay=0.8)
+    restored.setup(None, mine, "fit")
+    restored._average_model.load_state_dict(ema._average_model.state_dict())
+    before = [p.detach().clone() for p in restored._average_model.module.parameters()]
+    with torch.no_grad():
+        for p in mine.parameters():
+            p.add_(1.0)
+    restored._average_model.update_parameters(mine)
+    for old, new, cur in zip(before, restored._average_model.module.parameters(), mine.parameters()):
+        torch.testing.assert_close(new, 0.8 * old + 0.2 * cur)
+
+
+def test_token_file_errors_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        TokenFileDataModule(str(tmp_path / "missing.npy"), 10, 8).setup("fit")
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.arange(100, dtype=np.int64))
+    with pytest.raises(DataError, match="outside 0..9"):
+        TokenFileDataModule(str(bad), 10, 8, val_tokens=8, test_tokens=8).setup("fit")
+    dm = TokenFileDataModule(str(bad), 100, 8, val_tokens=16, test_tokens=8, batch_size=2)
+    dm.setup("fit")
+    assert len(dm.train_set) == 9 and len(dm.val_set) == 2 and len(dm.test_set) == 1
+    assert dm.test_set[0]["x0"].tolist() == list(range(92, 100))
