@@ -140,7 +140,7 @@ class TokenCrops(TokenChunks):
 
 def _to_long(tokens: np.ndarray) -> Tensor:
     """A copy of a (possibly memory-mapped, unsigned) token slice as ``LongTensor[seq_len]``."""
-    return torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    return torch.from_numpy(np.array(tokens, dtype=np.int64))
 
 
 def decode_chars(tokens: Tensor, alphabet: str, mask_char: str) -> list[str]:
