@@ -49,15 +49,17 @@ class Size:
     steps: int  # timed steps
     sample_batch: int
     sample_steps: int
+    ce_chunk_rows: int  # for the chunked cross-entropy lever: a quarter of the batch's rows
 
 
 SIZES = {
     # The digits network at a GPT-2 vocabulary: the head dominates, as it does at scale.
-    "tiny": Size(50257, 128, 8, 2, 128, 4, warmup=3, steps=10, sample_batch=4, sample_steps=128),
+    "tiny": Size(50257, 128, 8, 2, 128, 4, warmup=3, steps=10, sample_batch=4, sample_steps=128, ce_chunk_rows=256),
     # Between tiny and MD4-S, for a CPU run of a few minutes.
-    "small": Size(50257, 256, 8, 4, 256, 4, warmup=3, steps=6, sample_batch=4, sample_steps=256),
+    "small": Size(50257, 256, 8, 4, 256, 4, warmup=3, steps=6, sample_batch=4, sample_steps=256, ce_chunk_rows=512),
     # MD4-S (issue 8): 12 x 768 x 12 heads, seq 1024, batch 32, GPT-2 vocabulary.
-    "md4s": Size(50257, 1024, 32, 12, 768, 12, warmup=15, steps=40, sample_batch=32, sample_steps=1000),
+    "md4s": Size(50257, 1024, 32, 12, 768, 12, warmup=10, steps=30, sample_batch=32, sample_steps=1000,
+                 ce_chunk_rows=8192),
 }
 
 # Each lever adds to the row above it: (name, config changes).
@@ -65,6 +67,7 @@ LEVERS: list[tuple[str, dict[str, Any]]] = [
     ("baseline", {}),
     ("foreach EMA", {"ema": "lightning_md4.throughput.ForeachEMA"}),
     ("progress bar every 50 steps", {"bar_refresh": 50}),
+    ("chunked float32 cross-entropy", {"ce_chunked": True}),
     ("torch.compile network", {"compile": True}),
     ("head on masked tokens only", {"logits_at": "masked"}),
 ]
@@ -146,6 +149,7 @@ def fit_args(size: Size, method: str, levers: dict[str, Any], tokens: Path, run_
     model_args: dict[str, Any] = {"network": net, "optim": {"lr": 3e-4, "warmup_steps": 2000, "weight_decay": 0.03}}
     if method == "MD4":
         model_args["logits_at"] = levers.get("logits_at", "all")
+        model_args["ce_chunk_rows"] = size.ce_chunk_rows if levers.get("ce_chunked") else None
     callbacks = [
         {"class_path": levers.get("ema", "lightning.pytorch.callbacks.EMAWeightAveraging"),
          "init_args": {"decay": 0.9999}},
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     for method in methods:
         if method == "MD4":
             continue
-        method_levers = {k: v for k, v in levers.items() if k != "logits_at"}
+        method_levers = {k: v for k, v in levers.items() if k not in ("logits_at", "ce_chunked")}
         row = {"method": method, "label": "all levers that apply",
                **train_row(size, method, method_levers, work, f"{method}_all")}
         rows.append(row)

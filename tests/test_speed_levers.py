@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from datamodules.base import DataError
 from datamodules.tokens import TokenFileDataModule
+from lightning_md4.diffusion.cross_entropy import cross_entropy
 from lightning_md4.diffusion.masked import MaskedDiffusion
 from lightning_md4.modules import MD4
 from lightning_md4.nets import TransformerConfig
@@ -41,9 +42,9 @@ def test_head_on_masked_tokens_gives_the_same_nelbo_and_gradients(schedule):
     t = torch.tensor([0.0, 0.4, 0.5, 0.6, 0.8, 1.0], dtype=torch.float64)
     noise = torch.rand(B, N, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     results = []
-    for logits_at in ("all", "masked"):
+    for logits_at, chunk_rows in (("all", None), ("masked", 7)):
         net = float64_net(vocab)
-        process = MaskedDiffusion(schedule, vocab, logits_at=logits_at)
+        process = MaskedDiffusion(schedule, vocab, logits_at=logits_at, ce_chunk_rows=chunk_rows)
         nelbo = process.nelbo(net, x0, t=t, noise=noise)
         discrete = process.nelbo_discrete(net, x0, 10, t=t, noise=noise)
         (nelbo.sum() + discrete.sum()).backward()
@@ -63,6 +64,35 @@ def test_masked_logits_are_the_rows_of_the_full_logits():
     t = torch.rand(3, dtype=torch.float64)
     positions = torch.rand(3, 5) < 0.5
     torch.testing.assert_close(net(xt, t, positions=positions), net(xt, t)[positions], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 7, 64])
+def test_chunked_cross_entropy_equals_the_plain_one_with_gradients(chunk_rows):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(23, 9, dtype=torch.float64)).requires_grad_()
+    target = torch.randint(9, (23,))
+    weights = torch.rand(23, dtype=torch.float64)  # a weighted sum, like the NELBO's
+    plain = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    (g_plain,) = torch.autograd.grad((weights * plain).sum(), logits)
+    chunked = cross_entropy(logits, target, chunk_rows)
+    (g_chunked,) = torch.autograd.grad((weights * chunked).sum(), logits)
+    torch.testing.assert_close(chunked, plain, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(g_chunked, g_plain, rtol=1e-12, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda z: cross_entropy(z, target, chunk_rows), (logits,))
+
+
+def test_chunked_cross_entropy_of_bf16_logits_is_computed_in_float32():
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(50, 300)).bfloat16().requires_grad_()
+    target = torch.randint(300, (50,))
+    reference = torch.nn.functional.cross_entropy(logits.double(), target, reduction="none")
+    chunked = cross_entropy(logits, target, 16)
+    assert chunked.dtype == torch.float32 and cross_entropy(logits, target).dtype == torch.float32
+    torch.testing.assert_close(chunked.double(), reference, rtol=1e-6, atol=1e-5)
+    chunked.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    expected = torch.softmax(logits.double(), -1) - torch.nn.functional.one_hot(target, 300)
+    torch.testing.assert_close(logits.grad.double(), expected, rtol=1e-2, atol=4e-3)  # bf16 rounding of the grad
 
 
 def test_unknown_logits_at_is_refused():
@@ -118,7 +148,8 @@ def test_all_levers_together_train_like_the_plain_run(tmp_path):
     """EMA weights, losses and the final EMA state agree between the plain and the optimised run."""
     data = token_data(tmp_path)
     plain, plain_losses = fit(data, tmp_path, [EMAWeightAveraging(decay=0.9)])
-    fast, fast_losses = fit(data, tmp_path, [ForeachEMA(decay=0.9), CompileNetwork()], logits_at="masked")
+    fast, fast_losses = fit(data, tmp_path, [ForeachEMA(decay=0.9), CompileNetwork()], logits_at="masked",
+                            ce_chunk_rows=24)
     np.testing.assert_allclose(fast_losses, plain_losses, rtol=1e-4)
     for (name, a), b in zip(plain.named_parameters(), fast.parameters()):  # after fit these are the EMA weights
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 from lightning_md4.diffusion.masked import MaskedDiffusion
@@ -19,19 +20,25 @@ class MD4(DiffusionModule):
             ``{clip_eps: 1e-4}`` for the official code's clipping.
         logits_at: ``masked`` runs the output head on masked positions only (same loss, fewer
             FLOPs, but a host sync; measured in benchmarks/README.md), ``all`` on every position.
+        ce_chunk_rows: compute the cross-entropy in float32 chunks of this many rows rather than
+            on a float32 copy of all the logits (same loss, less memory); ``null``: one chunk.
         (the rest: see ``DiffusionModule``)
     """
 
     def __init__(self, vocab_size: int, seq_len: int, schedule: str = "linear",
                  schedule_kwargs: dict[str, float] | None = None, network: NetworkConfig | None = None,
                  optim: OptimConfig | None = None, antithetic: bool = True, seed: int = 0,
-                 eval_seed: int = 0, logits_at: Literal["all", "masked"] = "all") -> None:
+                 eval_seed: int = 0, logits_at: Literal["all", "masked"] = "all",
+                 ce_chunk_rows: int | None = None) -> None:
         super().__init__(vocab_size, seq_len, network, optim, antithetic, seed, eval_seed)
         try:
             sch = make_schedule(schedule, **(schedule_kwargs or {}))
         except TypeError as err:
             raise ValueError(f"bad schedule_kwargs {schedule_kwargs} for schedule {schedule!r}: {err}") from None
-        self._process = MaskedDiffusion(sch, vocab_size, logits_at)
+        if logits_at == "masked" and "positions" not in inspect.signature(self.net.forward).parameters:
+            raise ValueError(f"logits_at: masked needs a network that takes positions= (the transformer); "
+                             f"{type(self.net).__name__} does not, so use logits_at: all")
+        self._process = MaskedDiffusion(sch, vocab_size, logits_at, ce_chunk_rows)
 
     @property
     def process(self) -> MaskedDiffusion:
