@@ -1,0 +1,89 @@
+"""The Lightning callback a trial's training run carries: report, prune, record.
+
+``optuna_integration.PyTorchLightningPruningCallback`` is not used: it needs the ``Trial`` of a
+``study.optimize`` in the launching process (which DDP re-executes, duplicating trials), reports
+once per epoch, and under DDP accepts only RDB storages, passing the prune decision to the other
+ranks through the storage's system attributes. Here the training run gets the trial's storage id,
+rank 0 alone talks to the storage (any kind, journal included) at every validation, and the
+decision reaches the other ranks by ``strategy.broadcast``, so all ranks stop at the same step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import optuna
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from sweeps.spec import build_pruner
+from sweeps.storage import open_storage
+
+
+def result_path(trial_dir: Path, rank: int) -> Path:
+    return Path(trial_dir) / f"result.rank{rank}.json"
+
+
+class OptunaTrial(pl.Callback):
+    """Report the objective to an Optuna trial at each validation and stop every rank if it is pruned.
+
+    At the end of fit every rank writes ``result.rank{r}.json`` (``pruned``, ``step`` and the final
+    scalar metrics) into ``trial_dir`` for the sweep worker, and rank 0 writes the trial's
+    parameters with the final metrics to TensorBoard's HPARAMS tab.
+
+    Args:
+        storage: the study's storage URL (see :mod:`sweeps.storage`).
+        study_name: the study.
+        trial_id: Optuna's storage id of the trial (not its number).
+        metric: the objective to report for pruning; ``None`` for multi-objective studies, which
+            Optuna cannot prune.
+        pruner: the study file's ``pruner`` mapping (a storage keeps no pruner, so the trial builds it).
+        params: the trial's parameters, for the HPARAMS tab.
+        hparam_metrics: metrics shown beside the parameters in the HPARAMS tab.
+        trial_dir: where the result files go.
+    """
+
+    def __init__(self, storage: str, study_name: str, trial_id: int, trial_dir: str, metric: str | None = None,
+                 pruner: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
+                 hparam_metrics: list[str] | None = None) -> None:
+        self.storage, self.study_name, self.trial_id = storage, study_name, trial_id
+        self.pruner = pruner or {"name": "none"}
+        self.trial_dir, self.metric = Path(trial_dir), metric
+        self.params = params or {}
+        self.hparam_metrics = hparam_metrics or ([metric] if metric else [])
+        self.pruned = False
+        self._trial: optuna.trial.Trial | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and self.metric is not None:
+            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage),
+                                      pruner=build_pruner(self.pruner))
+            self._trial = optuna.trial.Trial(study, self.trial_id)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.metric is None:
+            return
+        prune = False
+        if trainer.is_global_zero and self.metric in trainer.callback_metrics:
+            self._trial.report(float(trainer.callback_metrics[self.metric]), trainer.global_step)
+            prune = self._trial.should_prune()
+        # One decision for all ranks: a rank that stopped alone would hang the others' collectives.
+        if trainer.strategy.broadcast(prune, src=0):
+            self.pruned = True
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}
+        self.trial_dir.mkdir(parents=True, exist_ok=True)
+        result = {"pruned": self.pruned, "step": trainer.global_step, "metrics": metrics}
+        result_path(self.trial_dir, trainer.global_rank).write_text(json.dumps(result, indent=1))
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    # "final/" keeps these single points out of the metrics' own curves.
+                    shown = {f"final/{m}": metrics[m] for m in self.hparam_metrics if m in metrics}
+                    logger.log_hyperparams(self.params, metrics=shown)

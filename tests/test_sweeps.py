@@ -1,0 +1,262 @@
+"""Sweeps: study files, and Optuna studies whose trials are (DDP) `md4 fit` runs on the CPU.
+
+Trials train a one-layer model on the digits for a few steps; what is checked is the bookkeeping:
+trials in the storage, their values against the runs' own results, TensorBoard runs, pruning on
+every rank, crash recovery and workers sharing a study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+
+from sweeps.report import markdown_table, result_rows
+from sweeps.spec import StudyError, load_spec, make_pruner, make_sampler, parse_spec
+from sweeps.storage import open_storage
+from sweeps.worker import SURPLUS, build_command, counted_trials, storage_url
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = [str(ROOT / "configs" / "digits.yaml"), str(ROOT / "sweeps" / "studies" / "tiny_digits.yaml")]
+TINY = ["--trainer.accelerator=cpu", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
+        "--model.init_args.network.n_layers=1", "--model.init_args.network.d_model=32",
+        "--model.init_args.network.n_heads=2", "--model.init_args.network.d_cond=16",
+        "--data.init_args.global_batch_size=16", "--data.init_args.eval_batch_size=16"]
+GRID_2x2 = {"schedule": {"type": "categorical", "choices": ["linear", "cosine"], "arg": "model.init_args.schedule"},
+            "antithetic": {"type": "categorical", "choices": [True, False], "arg": "model.init_args.antithetic"}}
+
+
+def write_study(tmp_path: Path, name: str = "s", **overrides) -> Path:
+    study = {"name": name, "base_configs": BASE, "args": TINY, "search_space": GRID_2x2,
+             "sampler": {"name": "grid"}, "pruner": {"name": "none"}, "study_dir": str(tmp_path / "study"),
+             "launcher": {"kind": "python", "devices": 1}, "heartbeat": {"interval": 1, "grace_period": 3}}
+    study.update(overrides)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def sweep(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "sweeps.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def load(study_file: Path) -> optuna.Study:
+    spec = load_spec(study_file)
+    return optuna.load_study(study_name=spec.name, storage=open_storage(storage_url(spec)))
+
+
+def result(trial: optuna.trial.FrozenTrial, rank: int) -> dict:
+    return json.loads((Path(trial.user_attrs["trial_dir"]) / f"result.rank{rank}.json").read_text())
+
+
+# -- study files ---------------------------------------------------------------------------------
+def test_unknown_keys_are_named(tmp_path):
+    with pytest.raises(StudyError, match="unknown key 'n_trial'"):
+        load_spec(write_study(tmp_path, n_trial=3))
+    bad_space = {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "logg": True}}
+    with pytest.raises(StudyError, match=r"search_space.lr: unknown key 'logg'"):
+        load_spec(write_study(tmp_path, search_space=bad_space))
+    with pytest.raises(StudyError, match=r"launcher: unknown key 'gpus'"):
+        load_spec(write_study(tmp_path, launcher={"gpus": 2}))
+    with pytest.raises(StudyError, match="sampler.name 'bayes' is not one of"):
+        load_spec(write_study(tmp_path, sampler={"name": "bayes"}))
+    with pytest.raises(StudyError, match="no arguments for choice 'cosine'"):
+        load_spec(write_study(tmp_path, search_space={
+            "s": {"type": "categorical", "choices": ["linear", "cosine"], "args": {"linear": ["--x=1"]}}}))
+    with pytest.raises(StudyError, match="runs its 4 points once"):
+        load_spec(write_study(tmp_path, n_trials=5))
+    with pytest.raises(StudyError, match="cannot prune multi-objective"):
+        load_spec(write_study(tmp_path, sampler={"name": "nsga2"}, n_trials=4, pruner={"name": "median"},
+                              objectives=[{"metric": "val/nelbo"}, {"metric": "val/bpt"}]))
+
+
+def test_grid_and_arguments_of_a_trial(tmp_path):
+    space = {**GRID_2x2, "layers": {"type": "int", "low": 1, "high": 3, "step": 2, "arg": "model.init_args.network.n_layers"},
+             "method": {"type": "categorical", "choices": ["md4", "genmd4"],
+                        "args": {"md4": ["--model=MD4"], "genmd4": ["--model=GenMD4", "--x=1"]}}}
+    spec = load_spec(write_study(tmp_path, search_space=space, launcher={"kind": "torchrun", "devices": 2}))
+    assert spec.n_trials == 2 * 2 * 2 * 2
+    assert spec.grid()[-1] == {"schedule": "cosine", "antithetic": False, "layers": 3, "method": "genmd4"}
+    assert spec.search_space["antithetic"].cli_args(False) == ["--model.init_args.antithetic=false"]
+    assert spec.search_space["method"].cli_args("genmd4") == ["--model=GenMD4", "--x=1"]
+
+    class FakeTrial:
+        _trial_id, number = 7, 3
+
+    cmd = build_command(spec, FakeTrial(), {"schedule": "cosine", "antithetic": True, "layers": 1, "method": "md4"},
+                        tmp_path / "study" / "trial_0003")
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for arg in ("--model.init_args.schedule=cosine", "--model.init_args.antithetic=true", "--model=MD4",
+                "--trainer.devices=2", "--trainer.num_nodes=1", "--trainer.strategy=ddp",
+                "--trainer.callbacks+=sweeps.callback.OptunaTrial", "--trainer.callbacks.init_args.trial_id=7",
+                f"--trainer.default_root_dir={tmp_path / 'study' / 'trial_0003'}"):
+        assert arg in cmd, arg
+    assert cmd.index("--model=MD4") > cmd.index(TINY[-1])  # trial arguments come after the study's
+
+
+@pytest.mark.parametrize("name", ["grid", "tpe", "cmaes", "nsga2", "random"])
+def test_every_sampler_and_pruner_builds(tmp_path, name):
+    space = {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True, "step": None}} if name != "grid" else GRID_2x2
+    spec = load_spec(write_study(tmp_path, search_space=space, sampler={"name": name, "seed": 1},
+                                 n_trials=None if name == "grid" else 3))
+    assert isinstance(make_sampler(spec), optuna.samplers.BaseSampler)
+    for pruner in ("median", "hyperband", "threshold", "none"):
+        spec.pruner = {"name": pruner, **({"upper": 1.0} if pruner == "threshold" else {})}
+        assert isinstance(make_pruner(spec), optuna.pruners.BasePruner)
+
+
+def test_shipped_studies_parse():
+    sizes = {name: load_spec(ROOT / "sweeps" / "studies" / f"{name}.yaml").n_trials
+             for name in ("schedules", "dropout", "variance")}
+    assert sizes == {"schedules": 6, "dropout": 3, "variance": 6}
+
+
+def test_counted_trials_skip_retried_and_surplus_trials():
+    study = optuna.create_study()
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    study.add_trial(optuna.create_trial(state=TrialState.FAIL, params={"x": 0.5}, distributions=dist))  # 0: died
+    study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=1.0, params={"x": 0.5}, distributions=dist,
+                                        system_attrs={"failed_trial": 0, "retry_history": [0]}))  # 1: its rerun
+    study.add_trial(optuna.create_trial(state=TrialState.FAIL, params={"x": 0.1}, distributions=dist,
+                                        user_attrs={"error": "boom"}))  # 2: a failed run counts
+    study.add_trial(optuna.create_trial(state=TrialState.FAIL, user_attrs={SURPLUS: True}))  # 3: surplus
+    assert [t.number for t in counted_trials(study.get_trials())] == [1, 2]
+    spec = parse_spec(yaml.safe_load(write_study_text()), ROOT)
+    rows = result_rows(study, spec)
+    assert [r["note"] for r in rows] == ["worker died (heartbeat lapsed)", "rerun of trial 0", "boom"]
+    assert markdown_table(rows).count("\n") == 2 + 3
+
+
+def write_study_text() -> str:
+    return yaml.safe_dump({"name": "t", "base_configs": BASE, "sampler": {"name": "random"}, "n_trials": 3,
+                           "search_space": {"x": {"type": "float", "low": 0, "high": 1}}})
+
+
+# -- studies of real runs --------------------------------------------------------------------------
+def test_grid_study_of_ddp_trials(tmp_path):
+    """2 x 2 grid, every trial a 2-process gloo DDP run under torchrun: 4 trials with their values
+    in the storage, one TensorBoard run each with the HPARAMS summary, and the results table."""
+    study_file = write_study(tmp_path, launcher={"kind": "torchrun", "devices": 2})
+    out = sweep("run", str(study_file), cwd=tmp_path)
+    trials = load(study_file).get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted((t.params["schedule"], t.params["antithetic"]) for t in trials) == sorted(
+        (s, a) for s in ("linear", "cosine") for a in (True, False))
+    for t in trials:
+        ranks = [result(t, r) for r in (0, 1)]
+        assert t.value == ranks[0]["metrics"]["val/nelbo"] and ranks[0]["step"] == ranks[1]["step"] == 4
+        assert ranks[0]["metrics"]["val/nelbo"] == ranks[1]["metrics"]["val/nelbo"]  # synced over ranks
+        run = Path(t.user_attrs["trial_dir"])
+        assert run.name == f"trial_{t.number:04d}" and run.parent == tmp_path / "study"
+        events = list(run.glob("events.out.tfevents.*"))
+        assert len(events) == 1
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run))
+        acc.Reload()
+        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+        assert "final/val/nelbo" in acc.Tags()["scalars"] and "val/nelbo" in acc.Tags()["scalars"]
+    assert len({t.value for t in trials}) == 4  # the parameters reached the runs
+    table = (tmp_path / "study" / "results.md").read_text()
+    assert table.count("| COMPLETE |") == 4 and "| trial | state | schedule | antithetic | val/nelbo |" in table
+    assert table in out.stdout
+
+
+def test_pruned_trial_stops_every_rank(tmp_path):
+    """A threshold no value passes prunes at the first validation (step 2 of 4); both DDP ranks
+    (Lightning's own launcher this time) stop there and the trial is PRUNED in the storage."""
+    space = {"schedule": {"type": "categorical", "choices": ["cosine"], "arg": "model.init_args.schedule"}}
+    study_file = write_study(tmp_path, search_space=space, pruner={"name": "threshold", "upper": 0.0},
+                             launcher={"kind": "python", "devices": 2}, args=[*TINY, "--trainer.strategy=ddp"])
+    sweep("run", str(study_file), cwd=tmp_path)
+    (trial,) = load(study_file).get_trials()
+    assert trial.state == TrialState.PRUNED
+    assert trial.intermediate_values == {2: result(trial, 0)["metrics"]["val/nelbo"]}
+    for rank in (0, 1):
+        assert result(trial, rank)["pruned"] is True and result(trial, rank)["step"] == 2
+
+
+def _wait_for(condition, timeout: float) -> None:
+    end = time.time() + timeout
+    while not condition():
+        if time.time() > end:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.5)
+
+
+def test_killed_worker_restarts_without_lost_or_duplicate_trials(tmp_path):
+    """Kill a worker (and its training run) mid-trial: the restarted worker fails the trial once its
+    heartbeat lapses, reruns it as a new trial with the same parameters and completes the grid."""
+    space = {"schedule": {"type": "categorical", "choices": ["linear", "cosine", "geometric"],
+                          "arg": "model.init_args.schedule"}}
+    long_args = [*TINY, "--trainer.max_steps=2000", "--trainer.val_check_interval=1000"]
+    study_file = write_study(tmp_path, search_space=space, args=long_args)
+    worker = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(study_file)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # LightningCLI writes config.yaml into the run folder just before training starts.
+        _wait_for((tmp_path / "study" / "trial_0000" / "config.yaml").is_file, timeout=300)
+        time.sleep(3)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    study = load(study_file)
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+    # Finish quickly now: the same study with short runs.
+    short = write_study(tmp_path, search_space=space)
+    sweep("run", str(short), cwd=tmp_path)
+    trials = load(short).get_trials()
+    states = [t.state for t in trials]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 3 and len(trials) == 4
+    assert trials[0].state == TrialState.FAIL
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["schedule"] for t in complete) == ["cosine", "geometric", "linear"]
+    rerun = next(t for t in complete if t.system_attrs.get("failed_trial") == 0)
+    assert rerun.params == trials[0].params
+
+
+def test_two_workers_share_a_journal_without_overlap(tmp_path):
+    """Two workers on one journal file split a 2 x 2 grid: every point run exactly once."""
+    storage = f"journal:{tmp_path / 'study.log'}"
+    study_file = write_study(tmp_path, storage=storage)
+    workers = [subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(study_file)], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=900) for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    trials = [t for t in load(study_file).get_trials() if not t.user_attrs.get(SURPLUS)]
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    points = [(t.params["schedule"], t.params["antithetic"]) for t in trials]
+    assert len(set(points)) == 4
+    ran = [{int(line.split("trial ")[1].split(":")[0]) for line in out.splitlines() if line.endswith("}")}
+           for out, _ in outputs]
+    assert not ran[0] & ran[1] and ran[0] | ran[1] == {t.number for t in trials}
+
+
+def test_two_torchrun_nodes_on_localhost(tmp_path):
+    """The multi-node path: two torchrun "nodes" x 1 process, global batch 16 split into 8 per device."""
+    port = 29500 + os.getpid() % 1000
+    args = ["--config", BASE[0], *TINY, "--data.init_args.batch_size=null", "--trainer.max_steps=3",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHON": sys.executable, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    nodes = [subprocess.Popen(["bash", str(ROOT / "scripts" / "torchrun.sh"), *args], cwd=tmp_path,
+                              env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    outputs = [n.communicate(timeout=600) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [o[1][-2000:] for o in outputs]
+    assert "Starting with 2 processes" in outputs[0][1] + outputs[0][0]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
