@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from lightning_md4.diffusion.variance import estimator_stats, nelbo_estimate
+
 
 def save_samples(tokens: Tensor, datamodule: Any, output: str | Path) -> Path:
     """Write ``tokens`` [B, N] as a PNG grid (image data) or one sample per line (text data)."""
@@ -67,3 +69,41 @@ class SampleLogger(pl.Callback):
                 # Markdown code block so TensorBoard keeps spaces and line breaks.
                 lg.experiment.add_text("samples", "\n\n".join(f"    {line}" for line in text), step)
             lg.experiment.add_scalar("samples/nfe", nfe, step)
+
+
+class EstimatorVarianceMonitor(pl.Callback):
+    """At each validation, how noisy the training estimator is: its NELBO and gradient over
+    ``draws`` noise draws on the first ``num_sequences`` validation sequences.
+
+    Uses the model's own process and ``antithetic`` setting; for each ``m`` in
+    ``samples_per_sequence`` it logs ``val/nelbo_estimator_var_m{m}``, ``val/grad_norm_var_m{m}``,
+    ``val/grad_var_m{m}`` (total variance of the gradient vector) and ``val/grad_norm_mean_m{m}``
+    (see :mod:`lightning_md4.diffusion.variance`). The batch and the noise seed are fixed, so the
+    numbers are comparable across runs and identical on every DDP rank (no collectives needed).
+    The model is in eval mode during validation, so dropout adds no noise of its own.
+    """
+
+    def __init__(self, draws: int = 16, num_sequences: int = 32, samples_per_sequence: list[int] | None = None,
+                 seed: int = 0) -> None:
+        self.draws, self.num_sequences, self.seed = draws, num_sequences, seed
+        self.samples_per_sequence = samples_per_sequence or [1]
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.datamodule is None:
+            return
+        val_set = trainer.datamodule.val_set
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        # Validation runs under inference mode; gradients need it switched off.
+        with torch.inference_mode(False), torch.enable_grad():
+            x0 = torch.stack([val_set[i]["x0"] for i in range(min(self.num_sequences, len(val_set)))])
+            x0 = x0.clone().to(pl_module.device)
+            for m in self.samples_per_sequence:
+                generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+                stats = estimator_stats(
+                    lambda: nelbo_estimate(pl_module.process, pl_module.net, x0, m, pl_module.hparams.antithetic,
+                                           generator),
+                    params, self.draws)
+                pl_module.log_dict({f"val/nelbo_estimator_var_m{m}": stats.nelbo_var,
+                                    f"val/grad_norm_var_m{m}": stats.grad_norm_var,
+                                    f"val/grad_var_m{m}": stats.grad_var,
+                                    f"val/grad_norm_mean_m{m}": stats.grad_norm_mean}, sync_dist=False)
