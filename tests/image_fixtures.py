@@ -1,6 +1,7 @@
 """Small image data sets in the real release formats, for tests and CPU runs.
 
     python tests/image_fixtures.py runs/cifar10_fixture     # a CIFAR-10-format folder, 600 images
+    python tests/image_fixtures.py runs/cifar10_fixture runs/random_inception.pth   # and random Inception weights
 
 Images are synthetic but structured, so a tiny model learns something in a few hundred steps:
 each class has its own background colour and a square of a second colour at a random place.
@@ -11,8 +12,10 @@ from __future__ import annotations
 import pickle
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
+import torch
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 190]], dtype=np.int64)
@@ -27,7 +30,7 @@ def synthetic_images(num: int, side: int, num_classes: int, seed: int) -> tuple[
         images[i] = PALETTE[y % len(PALETTE)][:, None, None]
         size = side // 4
         r, c = rng.integers(0, side - size, 2)
-        images[i, :, r : r + size, c : c + size] = PALETTE[(y + 5) % len(PALETTE)][:, None]
+        images[i, :, r : r + size, c : c + size] = PALETTE[(y + 5) % len(PALETTE)][:, None, None]
     images += rng.integers(-8, 9, images.shape)
     return np.clip(images, 0, 255).astype(np.uint8).reshape(num, -1), labels
 
@@ -59,5 +62,23 @@ def write_imagenet64(folder: Path, train_batches: int = 2, per_batch: int = 6, n
     return folder
 
 
+def write_random_inception_weights(path: Path) -> Path:
+    """A randomly initialised state dict of torch-fidelity's InceptionV3 (the right keys and shapes,
+    no download): FID and IS computed with it are consistent but mean nothing about image quality."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    torch.manual_seed(0)
+    empty = path.with_suffix(".empty")
+    torch.save({}, empty)
+    # The constructor loads weights from a file; skip that to keep PyTorch's random initialisation.
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["64"], feature_extractor_weights_path=str(empty))
+    empty.unlink()
+    torch.save(net.state_dict(), path)
+    return path
+
+
 if __name__ == "__main__":
     print(write_cifar10(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/cifar10_fixture")))
+    if len(sys.argv) > 2:
+        print(write_random_inception_weights(Path(sys.argv[2])))
