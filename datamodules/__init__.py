@@ -3,13 +3,17 @@
 from datamodules.base import DataError, TokenDataModule, UnrepeatedDistributedSampler
 from datamodules.chars import CharDataModule
 from datamodules.digits import DigitsDataModule
+from datamodules.openwebtext import OpenWebTextDataModule
 from datamodules.text8 import Text8DataModule
+from datamodules.zeroshot import ZeroShotDataModule
 
 __all__ = [
     "CharDataModule",
     "DataError",
     "DigitsDataModule",
+    "OpenWebTextDataModule",
     "Text8DataModule",
     "TokenDataModule",
     "UnrepeatedDistributedSampler",
+    "ZeroShotDataModule",
 ]

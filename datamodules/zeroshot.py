@@ -88,7 +88,8 @@ class ZeroShotSet:
 SETS = {
     "lambada": ZeroShotSet(lambada_detokenize, ("EleutherAI/lambada_openai", "default", "test"), "text", False),
     "wikitext2": ZeroShotSet(wikitext_detokenize, ("Salesforce/wikitext", "wikitext-2-raw-v1", "train"), "text", True),
-    "wikitext103": ZeroShotSet(wikitext_detokenize, ("Salesforce/wikitext", "wikitext-103-raw-v1", "test"), "text", True),
+    "wikitext103": ZeroShotSet(wikitext_detokenize, ("Salesforce/wikitext", "wikitext-103-raw-v1", "test"), "text",
+                               True),
     "ptb": ZeroShotSet(ptb_detokenize, ("ptb_text_only", None, "test"), "sentence", False),
     "lm1b": ZeroShotSet(lm1b_detokenize, ("lm1b", None, "test"), "text", False),
 }

@@ -30,6 +30,19 @@ class MD4CLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.init_args.seq_len", apply_on="instantiate")
+        # The evaluation protocol belongs to the run, not the model: not saved in checkpoints.
+        parser.add_argument("--eval_draws", type=int, default=1,
+                            help="time/mask draws averaged per sequence in the validation and test NELBO (SEDD: 1000)")
+        parser.add_argument("--eval_T", type=int | None, default=None,
+                            help="report the T-step discrete-time bound instead of the continuous one (MD4 only)")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        cfg = self.config[self.subcommand]
+        try:
+            self.model.configure_evaluation(cfg.eval_draws, cfg.eval_T)
+        except ValueError as err:
+            self.parser.error(str(err))
 
     def before_instantiate_classes(self) -> None:
         """``trainer.precision: null`` means bf16-mixed on a GPU and 32-bit on the CPU."""
@@ -95,7 +108,8 @@ def resolve_class(class_path: str, base: type) -> type:
 
 def check_ckpt_argument(argv: list[str]) -> None:
     """Validate a ``--ckpt_path FILE`` before LightningCLI reads it (it would fail with a traceback)."""
-    if argv[:1] == ["sample"]:  # sample_main loads and checks its checkpoint itself
+    # These subcommands load and check their checkpoint themselves.
+    if argv[:1] in (["sample"], ["zeroshot"], ["genppl"]):
         return
     for i, arg in enumerate(argv):
         value = argv[i + 1] if arg == "--ckpt_path" and i + 1 < len(argv) else None
@@ -134,11 +148,19 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv in ([], ["-h"], ["--help"]):
         print("md4 sample --ckpt_path CKPT [--output samples.png]: draw samples from a checkpoint "
-              "(see md4 sample --help)\n")
+              "(see md4 sample --help)\n"
+              "md4 zeroshot --ckpt_path CKPT [--sets lambada,wikitext2 --paths lambada=FILE]: zero-shot perplexity "
+              "table of a text model (see md4 zeroshot --help)\n"
+              "md4 genppl --ckpt_path CKPT [--scorer gpt2-large]: generative perplexity and unigram entropy of samples "
+              "(see md4 genppl --help)\n")
     try:
         check_ckpt_argument(argv)
         if argv[:1] == ["sample"]:
             sample_main(argv[1:])
+        elif argv[:1] in (["zeroshot"], ["genppl"]):
+            from lightning_md4 import evaluation  # imported here: it imports this module
+
+            (evaluation.zeroshot_main if argv[0] == "zeroshot" else evaluation.genppl_main)(argv[1:])
         else:
             MD4CLI(DiffusionModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
                    parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False}, save_config_kwargs={"overwrite": True},

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
+from tqdm.auto import tqdm
 
 from lightning_md4.diffusion.noise import keyed_times, keyed_uniform, stratified_times
 from lightning_md4.nets.transformer import Transformer, TransformerConfig
@@ -21,6 +22,7 @@ from lightning_md4.nets.transformer import Transformer, TransformerConfig
 # Streams of the keyed noise (lightning_md4.diffusion.noise): each use gets its own.
 EVAL_MASK_STREAM, TRAIN_TIME_STREAM = 0, 2
 TRAIN_MASK_STREAM = 1 << 16  # + global step
+EVAL_DRAW_STREAM = 1 << 31  # + draw k >= 1 of the averaged evaluation (draw 0 uses EVAL_MASK_STREAM)
 
 
 class CheckpointError(ValueError):
@@ -94,12 +96,35 @@ class DiffusionModule(pl.LightningModule):
         noise = keyed_uniform(self.hparams.seed, index, N, stream=TRAIN_MASK_STREAM + 2 * self.global_step + draw)
         return self.process.time_from_uniform(u), noise
 
-    def eval_noise(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Times and masks keyed by the example index: the same on any number of devices."""
+    def eval_noise(self, batch: dict[str, Tensor], draw: int = 0) -> tuple[Tensor, Tensor]:
+        """Times and masks keyed by the example index: the same on any number of devices.
+
+        Draw ``k`` of ``eval_draws`` shifts each example's time by ``k / eval_draws`` (so the draws
+        of one example are stratified over [0, 1)) and takes its own mask stream.
+        """
         index = batch["index"]
         seed = self.hparams.eval_seed
-        t = self.process.time_from_uniform(keyed_times(seed, index))
-        return t, keyed_uniform(seed, index, batch["x0"].shape[1], stream=EVAL_MASK_STREAM)
+        u = torch.remainder(keyed_times(seed, index) + draw / self.eval_draws, 1.0)
+        stream = EVAL_MASK_STREAM if draw == 0 else EVAL_DRAW_STREAM + draw
+        return self.process.time_from_uniform(u), keyed_uniform(seed, index, batch["x0"].shape[1], stream=stream)
+
+    # Evaluation protocol: a property of a test run, not of the model, so it is set by
+    # ``configure_evaluation`` (``md4 test --eval_draws K --eval_T T``) and not saved in checkpoints.
+    eval_draws: int = 1
+    eval_T: int | None = None
+
+    def configure_evaluation(self, draws: int = 1, T: int | None = None) -> None:
+        """Average the evaluation NELBO over ``draws`` keyed time/mask draws per sequence (SEDD's
+        protocol used 1000); ``T`` reports the ``T``-step discrete-time bound instead of the
+        continuous one (MD4 paper Table 7: T = 100, 1000, 10000)."""
+        if draws < 1:
+            raise ValueError(f"eval_draws is {draws}; it must be a positive integer")
+        if T is not None and T < 1:
+            raise ValueError(f"eval_T is {T}; it must be a positive integer")
+        if T is not None and not hasattr(self.process, "nelbo_discrete"):
+            raise ValueError(f"eval_T={T}: {type(self).__name__} has no T-step discrete-time bound (MD4 has one); "
+                             "drop eval_T to report the continuous-time bound")
+        self.eval_draws, self.eval_T = draws, T
 
     # -- losses ----------------------------------------------------------------------------
     def train_objective(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -110,9 +135,20 @@ class DiffusionModule(pl.LightningModule):
         return nelbo, nelbo.detach()
 
     def eval_nelbo(self, batch: dict[str, Tensor]) -> Tensor:
-        """The reported NELBO per sequence ``[B]`` in nats."""
-        t, noise = self.eval_noise(batch)
-        return self.process.nelbo(self.net, batch["x0"], t=t, noise=noise)
+        """The reported NELBO per sequence ``[B]`` in nats, averaged over ``eval_draws`` draws."""
+        total = torch.zeros(batch["x0"].shape[0], dtype=torch.float64, device=batch["x0"].device)
+        # With many draws a batch takes long, so the draws get a bar of their own under Lightning's.
+        trainer = self._trainer  # None when called outside a Trainer
+        show = self.eval_draws > 1 and trainer is not None and trainer.progress_bar_callback is not None \
+            and trainer.is_global_zero
+        for draw in tqdm(range(self.eval_draws), desc="time draws", leave=False, disable=not show):
+            t, noise = self.eval_noise(batch, draw)
+            if self.eval_T is None:
+                nelbo = self.process.nelbo(self.net, batch["x0"], t=t, noise=noise)
+            else:
+                nelbo = self.process.nelbo_discrete(self.net, batch["x0"], self.eval_T, t=t, noise=noise)
+            total += nelbo.double()
+        return total / self.eval_draws
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         objective, nelbo = self.train_objective(batch)
