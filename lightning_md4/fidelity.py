@@ -88,7 +88,9 @@ def fid_and_inception_score(samples: Tensor, reference: Dataset, reference_name:
         input1=UInt8Images(samples), input2=reference, fid=True, isc=isc, isc_splits=isc_splits, cuda=cuda,
         batch_size=batch_size, feature_extractor="inception-v3-compat", feature_layer_fid=feature_layer_fid,
         feature_extractor_weights_path=str(weights), cache_root=str(cache_root),
-        input2_cache_name=f"{reference_name}-n{len(reference)}-w{file_tag(weights)}", verbose=verbose)
+        input2_cache_name=f"{reference_name}-n{len(reference)}-w{file_tag(weights)}", verbose=verbose,
+        # On the CPU, load in-process: loader workers would only take cores from the Inception network.
+        save_cpu_ram=not cuda)
     out = {"fid": float(metrics["frechet_inception_distance"])}
     if isc:
         out["inception_score"] = float(metrics["inception_score_mean"])
