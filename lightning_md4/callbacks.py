@@ -42,11 +42,14 @@ class SampleLogger(pl.Callback):
     """At each validation, draw samples on rank 0 and log them to TensorBoard.
 
     Sampling happens at the first validation batch, while ``EMAWeightAveraging`` has the averaged
-    weights swapped in, so the samples show the model that evaluation scores.
+    weights swapped in, so the samples show the model that evaluation scores. A class-conditional
+    model draws the classes in turn with classifier-free guidance of scale ``guidance``.
     """
 
-    def __init__(self, num_samples: int = 16, steps: int = 64, grid: str = "cosine", seed: int = 0) -> None:
+    def __init__(self, num_samples: int = 16, steps: int = 64, grid: str = "cosine", seed: int = 0,
+                 guidance: float = 0.0) -> None:
         self.num_samples, self.steps, self.grid, self.seed = num_samples, steps, grid, seed
+        self.guidance = guidance
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -56,7 +59,8 @@ class SampleLogger(pl.Callback):
         if not loggers or trainer.datamodule is None:
             return
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        tokens, nfe = pl_module.sample(self.num_samples, self.steps, self.grid, generator=generator)
+        guidance = {"guidance": self.guidance} if pl_module.num_classes else {}
+        tokens, nfe = pl_module.sample(self.num_samples, self.steps, self.grid, generator=generator, **guidance)
         step = trainer.global_step
         images = trainer.datamodule.to_images(tokens.cpu())
         grid = None if images is None else make_grid(upscale(images), nrow=int(math.ceil(math.sqrt(len(images)))),

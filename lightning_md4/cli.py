@@ -3,23 +3,26 @@
     md4 fit --config configs/digits.yaml
     md4 test --config configs/digits.yaml --ckpt_path last
     md4 sample --ckpt_path runs/digits/checkpoints/last.ckpt --output samples.png
+    md4 evaluate-samples --config configs/fid.yaml --ckpt_path runs/cifar10/checkpoints/last.ckpt
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import ArgumentError, set_parsing_settings
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.base import DataError, TokenDataModule
 from lightning_md4.callbacks import save_samples
+from lightning_md4.fidelity import FidelityError, check_isc_splits, fid_and_inception_score, inception_weights, sample_images
 from lightning_md4.modules.base import CheckpointError, DiffusionModule
 from lightning_md4.sampling import GRIDS
 
@@ -109,7 +112,7 @@ def resolve_class(class_path: str, base: type) -> type:
 def check_ckpt_argument(argv: list[str]) -> None:
     """Validate a ``--ckpt_path FILE`` before LightningCLI reads it (it would fail with a traceback)."""
     # These subcommands load and check their checkpoint themselves.
-    if argv[:1] in (["sample"], ["zeroshot"], ["genppl"]):
+    if argv[:1] in (["sample"], ["evaluate-samples"], ["zeroshot"], ["genppl"]):
         return
     for i, arg in enumerate(argv):
         value = argv[i + 1] if arg == "--ckpt_path" and i + 1 < len(argv) else None
@@ -130,15 +133,68 @@ def sample_main(argv: list[str]) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="samples.png", help="PNG for image data, text file for text data")
     args = p.parse_args(argv)
-    ckpt = load_checkpoint(args.ckpt_path)
-    model_cls = resolve_class(ckpt["hyper_parameters"]["_class_path"], DiffusionModule)
-    model = model_cls.load_from_checkpoint(args.ckpt_path, map_location=args.device)
-    data_cls = resolve_class(ckpt.get("datamodule_hyper_parameters", {}).get("_class_path", ""), TokenDataModule)
-    datamodule = data_cls.load_from_checkpoint(args.ckpt_path)
+    model, datamodule = load_model_and_data(args.ckpt_path, args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     tokens, nfe = model.sample(args.num_samples, args.steps, args.grid, generator=generator)
     out = save_samples(tokens, datamodule, args.output)
     print(f"wrote {args.num_samples} samples to {out} ({args.steps} steps, {args.grid} grid, {nfe} network evaluations)")
+
+
+def load_model_and_data(ckpt_path: str, device: str) -> tuple[DiffusionModule, TokenDataModule]:
+    """The model (EMA weights) and the data module of a checkpoint written by ``md4 fit``."""
+    ckpt = load_checkpoint(ckpt_path)
+    model_cls = resolve_class(ckpt["hyper_parameters"]["_class_path"], DiffusionModule)
+    model = model_cls.load_from_checkpoint(ckpt_path, map_location=device)
+    data_cls = resolve_class(ckpt.get("datamodule_hyper_parameters", {}).get("_class_path", ""), TokenDataModule)
+    return model, data_cls.load_from_checkpoint(ckpt_path)
+
+
+def evaluate_main(argv: list[str]) -> None:
+    """``md4 evaluate-samples``: draw images from a checkpoint, write a grid, and report FID and
+    Inception Score against the training set (torch-fidelity; the reference statistics are cached)."""
+    p = ArgumentParser(prog="md4 evaluate-samples", description=evaluate_main.__doc__, exit_on_error=False)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML with any of these options, e.g. configs/fid.yaml")
+    p.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by md4 fit")
+    p.add_argument("--num_samples", type=int, default=50000)
+    p.add_argument("--steps", type=int, default=256, help="number of sampling steps")
+    p.add_argument("--grid", type=str, choices=GRIDS, default="cosine", help="time grid of the sampler")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (class-conditional models)")
+    p.add_argument("--batch_size", type=int, default=256, help="images per sampling batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reference_size", type=int | None, default=None, help="training images in the FID reference (default all)")
+    p.add_argument("--feature_layer_fid", type=str, default="2048", help="Inception feature of the FID")
+    p.add_argument("--isc_splits", type=int, default=10, help="groups of samples the Inception Score averages over")
+    p.add_argument("--inception_weights", type=str | None, default=None,
+                   help="local torch-fidelity InceptionV3 weights (default: download once into torch hub's cache)")
+    p.add_argument("--cache_root", type=str, default="~/.cache/lightning_md4/fidelity", help="reference statistics cache")
+    p.add_argument("--output", type=str | None, default=None,
+                   help="JSON of the results (default: evaluate-<checkpoint>-<steps>-<grid>-w<guidance>.json beside it)")
+    args = p.parse_args(argv)
+    check_isc_splits(args.num_samples, args.isc_splits)
+    weights = inception_weights(args.inception_weights)  # fail before sampling, not after
+    model, datamodule = load_model_and_data(args.ckpt_path, args.device)
+    if not hasattr(datamodule, "reference_images"):
+        raise CheckpointError(f"{args.ckpt_path} is a model of {type(datamodule).__name__}, not of images; "
+                              "evaluate-samples needs an image data set such as CIFAR10DataModule")
+    ckpt = Path(args.ckpt_path)
+    output = Path(args.output or ckpt.with_name(f"evaluate-{ckpt.stem}-{args.steps}-{args.grid}-w{args.guidance:g}.json"))
+    images, nfe = sample_images(model, datamodule, args.num_samples, args.steps, args.grid, args.guidance,
+                                args.batch_size, args.seed)
+    grid_png = save_samples(images[:64].flatten(1).long(), datamodule, output.with_suffix(".png"))
+    reference = datamodule.reference_images(args.reference_size)
+    metrics = fid_and_inception_score(images, reference, datamodule.reference_name, weights,
+                                      Path(args.cache_root).expanduser(), args.feature_layer_fid,
+                                      isc_splits=args.isc_splits, cuda=args.device.startswith("cuda"))
+    result = {"checkpoint": str(ckpt), "num_samples": args.num_samples, "steps": args.steps, "grid": args.grid,
+              "guidance": args.guidance, "network_evaluations_per_batch": nfe, "reference": datamodule.reference_name,
+              "reference_size": len(reference), "feature_layer_fid": args.feature_layer_fid,
+              "inception_weights": str(weights), **metrics}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"FID {metrics['fid']:.4f}, Inception Score {metrics['inception_score']:.4f} "
+          f"+- {metrics['inception_score_std']:.4f} ({args.num_samples} samples, {args.steps} {args.grid} steps, "
+          f"guidance {args.guidance:g}, FID against {len(reference)} training images); wrote {output} and {grid_png}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv in ([], ["-h"], ["--help"]):
         print("md4 sample --ckpt_path CKPT [--output samples.png]: draw samples from a checkpoint "
               "(see md4 sample --help)\n"
+              "md4 evaluate-samples --ckpt_path CKPT [--num_samples N --steps S --grid cosine --guidance W]: "
+              "FID and Inception Score of an image model (see md4 evaluate-samples --help)\n"
               "md4 zeroshot --ckpt_path CKPT [--sets lambada,wikitext2 --paths lambada=FILE]: zero-shot perplexity "
               "table of a text model (see md4 zeroshot --help)\n"
               "md4 genppl --ckpt_path CKPT [--scorer gpt2-large]: generative perplexity and unigram entropy of samples "
@@ -157,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         check_ckpt_argument(argv)
         if argv[:1] == ["sample"]:
             sample_main(argv[1:])
+        elif argv[:1] == ["evaluate-samples"]:
+            evaluate_main(argv[1:])
         elif argv[:1] in (["zeroshot"], ["genppl"]):
             from lightning_md4 import evaluation  # imported here: it imports this module
 
@@ -174,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"md4: error: {cause}")
 
 
-USER_ERRORS = (DataError, CheckpointError, FileNotFoundError, FloatingPointError)
+USER_ERRORS = (DataError, CheckpointError, FileNotFoundError, FloatingPointError, FidelityError)
 
 
 def user_error(err: BaseException | None) -> BaseException | None:

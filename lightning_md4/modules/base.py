@@ -17,7 +17,9 @@ from torchmetrics import MeanMetric
 from tqdm.auto import tqdm
 
 from lightning_md4.diffusion.noise import keyed_times, keyed_uniform, stratified_times
-from lightning_md4.nets.transformer import Transformer, TransformerConfig
+from lightning_md4.conditioning import ClassConditioned
+from lightning_md4.nets import NetworkConfig, TransformerConfig, build_network, network_config
+from lightning_md4.sampling import Denoiser
 
 # Streams of the keyed noise (lightning_md4.diffusion.noise): each use gets its own.
 EVAL_MASK_STREAM, TRAIN_TIME_STREAM = 0, 2
@@ -54,28 +56,43 @@ class DiffusionModule(pl.LightningModule):
     Args:
         vocab_size: number of real tokens V (linked from the DataModule); the mask id is V.
         seq_len: tokens per example (linked from the DataModule).
-        network: the transformer's size.
+        network: the denoiser: a ``TransformerConfig`` (default) or a ``UNetConfig`` (``kind: unet``).
         optim: optimiser and learning-rate schedule.
         antithetic: stratify training times over the global batch.
         seed: key of the training noise (times and masks are a function of seed, step, example).
         eval_seed: key of the evaluation noise, so validation numbers are comparable across runs.
     """
 
-    def __init__(self, vocab_size: int, seq_len: int, network: TransformerConfig | None = None,
+    def __init__(self, vocab_size: int, seq_len: int, network: NetworkConfig | None = None,
                  optim: OptimConfig | None = None, antithetic: bool = True, seed: int = 0,
                  eval_seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         # Plain dicts in the checkpoint (checkpoints load with weights_only=True); dicts accepted back.
-        net_cfg = TransformerConfig(**network) if isinstance(network, dict) else network or TransformerConfig()
+        net_cfg = network_config(network)
         self.optim_cfg = OptimConfig(**optim) if isinstance(optim, dict) else optim or OptimConfig()
         self.hparams.network, self.hparams.optim = asdict(net_cfg), asdict(self.optim_cfg)
-        self.net = Transformer(vocab_size, net_cfg)
+        self.net = build_network(net_cfg, vocab_size, seq_len)
         self.metrics = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
 
     @property
     def process(self) -> Any:
         raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        """Class labels the network is conditioned on; 0 for an unconditional network."""
+        return getattr(self.net, "num_classes", 0)
+
+    def denoiser(self, batch: dict[str, Tensor]) -> Denoiser:
+        """What the process calls: the network, with the batch's labels ``y [B]`` bound when it is
+        class-conditional (the processes never see labels)."""
+        if not self.num_classes:
+            return self.net
+        if "y" not in batch:
+            raise ValueError(f"network.num_classes is {self.num_classes} but the data has no class labels; "
+                             "use an image data module or set network.num_classes: 0")
+        return ClassConditioned(self.net, batch["y"])
 
     # -- noise -----------------------------------------------------------------------------
     def train_noise(self, batch: dict[str, Tensor], draw: int = 0) -> tuple[Tensor, Tensor]:
@@ -131,7 +148,7 @@ class DiffusionModule(pl.LightningModule):
         """``(objective, nelbo)`` per sequence ``[B]``: what to differentiate, and what to report
         (they differ for methods with a surrogate loss)."""
         t, noise = self.train_noise(batch)
-        nelbo = self.process.nelbo(self.net, batch["x0"], t=t, noise=noise)
+        nelbo = self.process.nelbo(self.denoiser(batch), batch["x0"], t=t, noise=noise)
         return nelbo, nelbo.detach()
 
     def eval_nelbo(self, batch: dict[str, Tensor]) -> Tensor:
@@ -144,9 +161,9 @@ class DiffusionModule(pl.LightningModule):
         for draw in tqdm(range(self.eval_draws), desc="time draws", leave=False, disable=not show):
             t, noise = self.eval_noise(batch, draw)
             if self.eval_T is None:
-                nelbo = self.process.nelbo(self.net, batch["x0"], t=t, noise=noise)
+                nelbo = self.process.nelbo(self.denoiser(batch), batch["x0"], t=t, noise=noise)
             else:
-                nelbo = self.process.nelbo_discrete(self.net, batch["x0"], self.eval_T, t=t, noise=noise)
+                nelbo = self.process.nelbo_discrete(self.denoiser(batch), batch["x0"], self.eval_T, t=t, noise=noise)
             total += nelbo.double()
         return total / self.eval_draws
 
@@ -190,12 +207,25 @@ class DiffusionModule(pl.LightningModule):
     # -- sampling --------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, num_samples: int, steps: int, grid: str = "uniform",
-               generator: torch.Generator | None = None, x: Tensor | None = None) -> tuple[Tensor, int]:
-        """Draw ``num_samples`` sequences; returns tokens ``[num_samples, seq_len]`` and the NFE."""
+               generator: torch.Generator | None = None, x: Tensor | None = None, labels: Tensor | None = None,
+               guidance: float = 0.0) -> tuple[Tensor, int]:
+        """Draw ``num_samples`` sequences; returns tokens ``[num_samples, seq_len]`` and the NFE.
+
+        A class-conditional network draws class ``labels`` ``[num_samples]`` (default: 0, 1, 2, ...
+        cycling through the classes; the null label ``num_classes`` for unconditional samples)
+        with classifier-free guidance of scale ``guidance`` (see ``ClassConditioned``).
+        """
+        denoiser: Denoiser = self.net
+        if self.num_classes:
+            if labels is None:
+                labels = torch.arange(num_samples, device=self.device) % self.num_classes
+            denoiser = ClassConditioned(self.net, labels.to(self.device), guidance)
+        elif labels is not None or guidance:
+            raise ValueError("labels and guidance need a class-conditional network (network.num_classes > 0)")
         was_training = self.net.training
         self.net.eval()
         try:
-            return self.process.sample(self.net, (num_samples, self.hparams.seq_len), steps, generator=generator,
+            return self.process.sample(denoiser, (num_samples, self.hparams.seq_len), steps, generator=generator,
                                        x=x, device=self.device, return_nfe=True, **self.sample_kwargs(grid))
         finally:
             self.net.train(was_training)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_md4.diffusion.d3pm import DiscreteDiffusion
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
-from lightning_md4.nets.transformer import TransformerConfig
+from lightning_md4.nets import NetworkConfig
 
 
 class D3PM(DiffusionModule):
@@ -32,7 +32,7 @@ class D3PM(DiffusionModule):
 
     def __init__(self, vocab_size: int, seq_len: int, T: int = 1000, kind: Literal["absorb", "uniform"] = "absorb",
                  hybrid_lambda: float = 0.01, log_eps: float | None = None, exact_test: bool = False,
-                 network: TransformerConfig | None = None, optim: OptimConfig | None = None,
+                 network: NetworkConfig | None = None, optim: OptimConfig | None = None,
                  antithetic: bool = True, seed: int = 0, eval_seed: int = 0) -> None:
         super().__init__(vocab_size, seq_len, network, optim, antithetic, seed, eval_seed)
         self._process = DiscreteDiffusion(vocab_size, T=T, kind=kind, hybrid_lambda=hybrid_lambda, log_eps=log_eps)
@@ -43,14 +43,14 @@ class D3PM(DiffusionModule):
 
     def train_objective(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         t, noise = self.train_noise(batch)
-        objective, nelbo = self.process.loss(self.net, batch["x0"], t=t, noise=noise)
+        objective, nelbo = self.process.loss(self.denoiser(batch), batch["x0"], t=t, noise=noise)
         return objective, nelbo.detach()
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if not self.hparams.exact_test:
             return super().test_step(batch, batch_idx)
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.eval_seed + batch_idx)
-        nelbo = self.process.nelbo_exact(self.net, batch["x0"], batch_T=8, generator=generator)
+        nelbo = self.process.nelbo_exact(self.denoiser(batch), batch["x0"], batch_T=8, generator=generator)
         self.metrics["test"].update(nelbo / batch["x0"].shape[1])
 
     def sample_kwargs(self, grid: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_md4.diffusion.generalized import GenMaskedDiffusion, PerTokenSchedule
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
-from lightning_md4.nets.transformer import TransformerConfig
+from lightning_md4.nets import NetworkConfig
 
 
 class GenMD4(DiffusionModule):
@@ -31,7 +31,7 @@ class GenMD4(DiffusionModule):
 
     def __init__(self, vocab_size: int, seq_len: int, w_init: float = 1.0, eps: float = 1e-4, t_min: float = 1e-3,
                  estimator: Literal["rloo", "batch"] = "rloo", decay_w: bool = False, w_lr: float | None = None,
-                 network: TransformerConfig | None = None, optim: OptimConfig | None = None,
+                 network: NetworkConfig | None = None, optim: OptimConfig | None = None,
                  antithetic: bool = True, seed: int = 0, eval_seed: int = 0) -> None:
         super().__init__(vocab_size, seq_len, network, optim, antithetic, seed, eval_seed)
         self.schedule = PerTokenSchedule(vocab_size, w_init, eps)
@@ -45,7 +45,7 @@ class GenMD4(DiffusionModule):
         t, noise = self.train_noise(batch, draw=0)
         if self.hparams.estimator == "rloo":
             noise = (noise, self.train_noise(batch, draw=1)[1])
-        return self.process.surrogate_loss(self.net, batch["x0"], t=t, noise=noise, estimator=self.hparams.estimator)
+        return self.process.surrogate_loss(self.denoiser(batch), batch["x0"], t=t, noise=noise, estimator=self.hparams.estimator)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         w = self.schedule.w.detach()

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from lightning_md4.diffusion.sedd import ScoreEntropyDiffusion
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
-from lightning_md4.nets.transformer import TransformerConfig
+from lightning_md4.nets import NetworkConfig
 
 
 class SEDD(DiffusionModule):
@@ -23,7 +23,7 @@ class SEDD(DiffusionModule):
     def __init__(self, vocab_size: int, seq_len: int, noise: Literal["loglinear", "geometric"] = "loglinear",
                  graph: Literal["absorb", "uniform"] = "absorb", eps: float = 1e-3, sigma_min: float = 1e-4,
                  sigma_max: float = 20.0, t_min: float = 0.0, sampler: Literal["analytic", "euler"] = "analytic",
-                 network: TransformerConfig | None = None, optim: OptimConfig | None = None,
+                 network: NetworkConfig | None = None, optim: OptimConfig | None = None,
                  antithetic: bool = True, seed: int = 0, eval_seed: int = 0) -> None:
         super().__init__(vocab_size, seq_len, network, optim, antithetic, seed, eval_seed)
         self._process = ScoreEntropyDiffusion(vocab_size, noise, graph, eps, sigma_min, sigma_max, t_min)
