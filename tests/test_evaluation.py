@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 
 from datamodules.zeroshot import ZeroShotDataModule
 from lightning_md4.diffusion.noise import keyed_times, keyed_uniform
+from lightning_md4.cli import main
 from lightning_md4.evaluation import (ZeroShotRow, causal_lm_nll, format_table, load_causal_lm, perplexity,
                                       unigram_entropy, zeroshot_table)
 from lightning_md4.modules import MD4, SEDD
@@ -120,7 +119,8 @@ def tiny_gpt2(tmp_path_factory, bpe):
 
     folder = tmp_path_factory.mktemp("gpt2")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=12, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)).save_pretrained(folder)
+    config = GPT2Config(vocab_size=300, n_positions=12, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
     PreTrainedTokenizerFast(tokenizer_file=str(bpe), bos_token="<|endoftext|>",
                             eos_token="<|endoftext|>").save_pretrained(folder)
     return folder
@@ -145,43 +145,52 @@ def test_generative_perplexity_against_token_by_token_scoring(tiny_gpt2):
         load_causal_lm(str(tiny_gpt2 / "missing"), "cpu")
 
 
-def md4(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "lightning_md4.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"md4 {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+def md4(capsys, *args: str) -> str:
+    """Run the md4 command in this process (a subprocess would re-import torch each time); its stdout."""
+    capsys.readouterr()
+    main(list(args))
+    return capsys.readouterr().out
 
 
-def test_fit_then_zeroshot_and_genppl_through_the_cli(tmp_path, bpe, tiny_gpt2):
+def test_fit_then_zeroshot_test_and_genppl_through_the_cli(tmp_path, bpe, tiny_gpt2, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "owt.jsonl", documents(120))
     (tmp_path / "wiki.raw").write_text("".join(d + "\n" for d in documents(30, seed=5)))
     (tmp_path / "ptb.txt").write_text("".join(d.lower() + "\n" for d in documents(30, seed=6)))
     run = tmp_path / "run"
-    md4("fit", "--config", str(ROOT / "configs" / "owt_tiny.yaml"), f"--trainer.default_root_dir={run}",
+    md4(capsys, "fit", "--config", str(ROOT / "configs" / "owt_tiny.yaml"), f"--trainer.default_root_dir={run}",
         "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false", f"--data.init_args.paths=[{tmp_path / 'owt.jsonl'}]",
         f"--data.init_args.tokenizer={bpe}", "--data.init_args.seq_len=16", "--data.init_args.val_docs=10",
         "--data.init_args.global_batch_size=4", "--model.init_args.network.n_layers=1",
         "--model.init_args.network.d_model=32", "--model.init_args.network.n_heads=2",
-        "--model.init_args.network.d_cond=16", cwd=tmp_path)
+        "--model.init_args.network.d_cond=16")
     ckpt = run / "checkpoints" / "last.ckpt"
-    out = md4("zeroshot", "--ckpt_path", str(ckpt), "--sets", "wikitext2,ptb", "--paths", f"wikitext2={tmp_path / 'wiki.raw'}",
-              f"ptb={tmp_path / 'ptb.txt'}", "--data_dir", str(tmp_path / "zs"), "--eval_draws", "2",
-              "--devices", "1", "--num_workers", "0", cwd=tmp_path).stdout
+    out = md4(capsys, "zeroshot", "--ckpt_path", str(ckpt), "--sets", "wikitext2,ptb", "--paths",
+              f"wikitext2={tmp_path / 'wiki.raw'}", f"ptb={tmp_path / 'ptb.txt'}", "--data_dir", str(tmp_path / "zs"),
+              "--eval_draws", "2", "--devices", "1", "--num_workers", "0")
     saved = json.loads((run / "checkpoints" / "zeroshot-last.json").read_text())
     assert [r["data"] for r in saved] == ["wikitext2", "ptb"] and all(r["draws"] == 2 for r in saved)
     for r in saved:
         assert r["perplexity"] == pytest.approx(math.exp(r["nelbo"]))
         assert f"| {r['data']} | {r['tokens']:,} | {r['nelbo']:.4f} |" in out
     # md4 test on one zero-shot set with the same draws reports the same NELBO.
-    test = md4("test", "--config", str(run / "tensorboard" / "config.yaml"), "--ckpt_path", str(ckpt), "--eval_draws", "2",
-               "--data", "datamodules.ZeroShotDataModule", "--data.init_args.name=wikitext2",
-               f"--data.init_args.path={tmp_path / 'wiki.raw'}", f"--data.init_args.tokenizer={bpe}",
-               f"--data.init_args.data_dir={tmp_path / 'zs'}", "--data.init_args.seq_len=16",
-               "--trainer.enable_progress_bar=false", "--trainer.logger=false", cwd=tmp_path).stdout
-    assert f"NELBO {saved[0]['nelbo']:.4f}" in test
-    out = md4("genppl", "--ckpt_path", str(ckpt), "--scorer", str(tiny_gpt2), "--num_samples", "3", "--steps", "4",
-              "--batch_size", "2", "--device", "cpu", cwd=tmp_path).stdout
+    out = md4(capsys, "test", "--config", str(run / "tensorboard" / "config.yaml"), "--ckpt_path", str(ckpt),
+              "--eval_draws", "2", "--data", "datamodules.ZeroShotDataModule", "--data.init_args.name=wikitext2",
+              f"--data.init_args.path={tmp_path / 'wiki.raw'}", f"--data.init_args.tokenizer={bpe}",
+              f"--data.init_args.data_dir={tmp_path / 'zs'}", "--data.init_args.seq_len=16",
+              "--trainer.enable_progress_bar=false", "--trainer.logger=false")
+    assert f"NELBO {saved[0]['nelbo']:.4f}" in out
+    out = md4(capsys, "genppl", "--ckpt_path", str(ckpt), "--scorer", str(tiny_gpt2), "--num_samples", "3",
+              "--steps", "4", "--batch_size", "2", "--device", "cpu")
     result = json.loads((run / "checkpoints" / "genppl-last.json").read_text())
     assert len(result["samples"]) == 3 and result["scored_tokens"] > 0 and 0 < result["unigram_entropy"] <= math.log(16)
     assert f"generative perplexity under {tiny_gpt2} {result['generative_perplexity']:.2f}" in out
+
+
+def test_bad_evaluation_settings_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["zeroshot", "--ckpt_path", str(tmp_path / "none.ckpt"), "--sets", "wiki"])
+    assert "unknown zero-shot set 'wiki'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["zeroshot", "--ckpt_path", str(tmp_path / "none.ckpt"), "--sets", "ptb"])
