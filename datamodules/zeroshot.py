@@ -104,7 +104,11 @@ class ZeroShotDataModule(TokenDataModule):
         tokenizer: ``gpt2`` or a local tokenizer (the one the model was trained with).
         data_dir: folder of the token caches.
         seq_len: tokens per block (the model's sequence length).
-        batch_size, eval_batch_size, num_workers, global_batch_size: see :class:`TokenDataModule`.
+        eval_batch_size: sequences per device and batch (default: :class:`TokenDataModule`'s).
+        num_workers: data loader worker processes.
+
+    Switching ``md4 test`` from an OpenWebText config with ``--data datamodules.ZeroShotDataModule``
+    keeps the settings the two share (tokenizer, seq_len, data_dir, eval_batch_size, num_workers).
     """
 
     def __init__(
@@ -114,12 +118,10 @@ class ZeroShotDataModule(TokenDataModule):
         tokenizer: str = "gpt2",
         data_dir: str = "~/.cache/lightning_md4/zeroshot",
         seq_len: int = 1024,
-        batch_size: int | None = None,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        global_batch_size: int | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size)
+        super().__init__(eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.save_hyperparameters()
         if name not in SETS:
             raise DataError(f"unknown zero-shot set {name!r}; choose one of {', '.join(SETS)}")

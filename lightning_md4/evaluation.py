@@ -73,7 +73,7 @@ def zeroshot_table(model: DiffusionModule, sets: dict[str, str | None], trainer_
     rows = []
     for name, path in sets.items():
         data = ZeroShotDataModule(name, path=path, tokenizer=tokenizer, data_dir=data_dir,
-                                  seq_len=model.hparams.seq_len, batch_size=batch_size, num_workers=num_workers)
+                                  seq_len=model.hparams.seq_len, eval_batch_size=batch_size, num_workers=num_workers)
         trainer = pl.Trainer(logger=False, enable_checkpointing=False, **trainer_kwargs)
         trainer.test(model, datamodule=data, verbose=False)
         # The test metric is the mean over sequences of nats per token; every block has seq_len

@@ -174,12 +174,12 @@ def test_fit_then_zeroshot_test_and_genppl_through_the_cli(tmp_path, bpe, tiny_g
     for r in saved:
         assert r["perplexity"] == pytest.approx(math.exp(r["nelbo"]))
         assert f"| {r['data']} | {r['tokens']:,} | {r['nelbo']:.4f} |" in out
-    # md4 test on one zero-shot set with the same draws reports the same NELBO.
+    # md4 test on one zero-shot set with the same draws reports the same NELBO; the tokenizer and
+    # seq_len carry over from the run's OpenWebText config.
     out = md4(capsys, "test", "--config", str(run / "tensorboard" / "config.yaml"), "--ckpt_path", str(ckpt),
               "--eval_draws", "2", "--data", "datamodules.ZeroShotDataModule", "--data.init_args.name=wikitext2",
-              f"--data.init_args.path={tmp_path / 'wiki.raw'}", f"--data.init_args.tokenizer={bpe}",
-              f"--data.init_args.data_dir={tmp_path / 'zs'}", "--data.init_args.seq_len=16",
-              "--trainer.enable_progress_bar=false", "--trainer.logger=false")
+              f"--data.init_args.path={tmp_path / 'wiki.raw'}", "--trainer.enable_progress_bar=false",
+              "--trainer.logger=false")
     assert f"NELBO {saved[0]['nelbo']:.4f}" in out
     out = md4(capsys, "genppl", "--ckpt_path", str(ckpt), "--scorer", str(tiny_gpt2), "--num_samples", "3",
               "--steps", "4", "--batch_size", "2", "--device", "cpu")

@@ -66,7 +66,7 @@ def blocks(dm: ZeroShotDataModule) -> np.ndarray:
 
 def make(name: str, path, bpe, tmp_path, seq_len: int = SEQ) -> ZeroShotDataModule:
     dm = ZeroShotDataModule(name, path=str(path), tokenizer=str(bpe), data_dir=str(tmp_path / "cache"),
-                            seq_len=seq_len, batch_size=2)
+                            seq_len=seq_len, eval_batch_size=2)
     dm.prepare_data()
     dm.setup("test")
     return dm
