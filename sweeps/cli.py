@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from sweeps.report import write_report
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", type=int, help="processes (GPUs) per node of each trial")
     parser.add_argument("--num-nodes", type=int, help="nodes of each trial (srun only)")
     args = parser.parse_args(argv)
+    # SLURM and kill send SIGTERM: exit through Python so the running trial's process is stopped too
+    # (its trial stays RUNNING, and is rerun once its heartbeat lapses).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     launcher = {"kind": args.launcher, "devices": args.devices, "num_nodes": args.num_nodes}
     try:
         spec = load_spec(args.study, {"study_dir": args.study_dir, "storage": args.storage, "name": args.name,

@@ -15,12 +15,16 @@ Spelling of ``storage`` in a study file or on the command line:
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
+
+# Heartbeats, stale-trial failing and the retry helpers are long-standing but still marked experimental.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 JOURNAL = "journal:"
 BEAT_ATTR = "worker_heartbeat"  # unix time of a journal trial's last beat

@@ -36,10 +36,8 @@ from sweeps.callback import OptunaTrial, result_path
 from sweeps.spec import StudyError, StudySpec, make_pruner, make_sampler
 from sweeps.storage import absolute_storage, fail_stale_trials, open_storage, record_heartbeat
 
-# The worker records heartbeats itself (Optuna starts its heartbeat thread only in optimize) and
-# uses the retry callback's long-standing helpers, which Optuna still marks experimental.
+# The worker records heartbeats itself (Optuna starts its heartbeat thread only in optimize).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 SURPLUS = "surplus"  # user attribute of a trial asked after the study was already full
 ERROR_TAIL = 4000  # characters of a failed run's stderr kept in the trial

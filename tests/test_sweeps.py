@@ -274,3 +274,54 @@ def test_slurm_script_resumes_a_requeued_run_from_its_newest_checkpoint(tmp_path
     time.sleep(0.05)
     (run / "hpc_ckpt_1.ckpt").write_text("x")  # Lightning's save on SIGUSR1, newer than last.ckpt
     assert f"--ckpt_path {run / 'hpc_ckpt_1.ckpt'}" in submit()
+
+
+def _stub_runs(monkeypatch, outcome) -> None:
+    """Replace the training launch by ``outcome(params, trial_dir) -> (returncode, metrics | None)``."""
+    import sweeps.worker as worker
+
+    def launch(command, trial_dir, beat, interval):
+        beat()
+        params = json.loads(next(a.split("=", 1)[1] for a in command if a.startswith("--trainer.callbacks.init_args.params=")))
+        code, metrics = outcome(params, trial_dir)
+        (trial_dir / "stderr.log").write_text(f"Traceback ...\nRuntimeError: run of {params} broke\n")
+        if metrics is not None:
+            (trial_dir / "result.rank0.json").write_text(json.dumps({"pruned": False, "step": 3, "metrics": metrics}))
+        return code
+
+    monkeypatch.setattr(worker, "launch", launch)
+
+
+def test_multi_objective_nsga2_study_and_report(tmp_path, monkeypatch):
+    """Two objectives (e.g. NELBO against sampling cost) with NSGA-II: values told in order, Pareto plot."""
+    _stub_runs(monkeypatch, lambda p, d: (0, {"val/nelbo": p["x"] ** 2, "val/nfe": (p["x"] - 2) ** 2, "other": 1.0}))
+    spec = load_spec(write_study(tmp_path, search_space={"x": {"type": "float", "low": 0.0, "high": 2.0}},
+                                 sampler={"name": "nsga2", "seed": 0}, n_trials=5, pruner={"name": "none"},
+                                 objectives=[{"metric": "val/nelbo"}, {"metric": "val/nfe"}], report_metrics=["other"]))
+    from sweeps.report import write_report
+    from sweeps.worker import run_worker
+
+    study = run_worker(spec)
+    trials = study.get_trials()
+    assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        assert t.values == [t.params["x"] ** 2, (t.params["x"] - 2) ** 2]
+    table = write_report(study, spec)
+    assert "| trial | state | x | val/nelbo | val/nfe | other | step | seconds | note |" in table
+    assert (tmp_path / "study" / "pareto_front.png").stat().st_size > 0
+
+
+def test_a_failed_run_is_recorded_with_its_error(tmp_path, monkeypatch):
+    _stub_runs(monkeypatch, lambda p, d: (1, None) if p["schedule"] == "cosine" else (0, {"val/nelbo": 1.0}))
+    space = {"schedule": GRID_2x2["schedule"]}
+    spec = load_spec(write_study(tmp_path, search_space=space))
+    from sweeps.worker import run_worker
+
+    trials = run_worker(spec).get_trials()
+    assert len(trials) == 2
+    failed = next(t for t in trials if t.params["schedule"] == "cosine")
+    assert failed.state == TrialState.FAIL and failed.user_attrs["error"].startswith("exit code 1: Traceback")
+    assert "RuntimeError: run of {'schedule': 'cosine'} broke" in failed.user_attrs["error"]
+    assert next(t for t in trials if t is not failed).state == TrialState.COMPLETE
+    rows = result_rows(load(write_study(tmp_path, search_space=space)), spec)
+    assert rows[[r["schedule"] for r in rows].index("cosine")]["note"] == "RuntimeError: run of {'schedule': 'cosine'} broke"
