@@ -103,15 +103,15 @@ def zeroshot_main(argv: list[str]) -> None:
     sets = _parse_sets(p, args.sets, args.paths)
     model, ckpt = load_model(args.ckpt_path, "cpu")  # the Trainer moves it to its devices
     tokenizer = args.tokenizer or checkpoint_tokenizer(ckpt)
-    devices = int(args.devices) if args.devices.isdigit() else args.devices
-    trainer_kwargs = {"devices": devices, "num_nodes": args.num_nodes, "precision": default_precision(),
-                      "strategy": "ddp" if args.num_nodes > 1 or (isinstance(devices, int) and devices > 1) else "auto"}
+    # Lightning picks DDP for several devices; each rank tests its share of the blocks.
+    trainer_kwargs = {"devices": int(args.devices) if args.devices.isdigit() else args.devices,
+                      "num_nodes": args.num_nodes, "precision": default_precision()}
     try:
         rows = zeroshot_table(model, sets, trainer_kwargs, tokenizer, args.data_dir, args.batch_size,
                               args.eval_draws, args.eval_T, args.num_workers)
     except ValueError as err:  # a bad evaluation setting, e.g. eval_T for a method without that bound
         p.error(str(err))
-    if not rows or torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     ckpt_path = Path(args.ckpt_path)
     table = format_table(rows, f"{type(model).__name__} {ckpt_path}: zero-shot perplexity")
@@ -126,6 +126,8 @@ def zeroshot_main(argv: list[str]) -> None:
 
 def _parse_sets(p: argparse.ArgumentParser, names: str, paths: list[str]) -> dict[str, str | None]:
     sets: dict[str, str | None] = {name.strip(): None for name in names.split(",") if name.strip()}
+    if not sets:
+        p.error(f"--sets names no set; choose from {', '.join(SETS)}")
     for name in sets:
         if name not in SETS:
             p.error(f"unknown zero-shot set {name!r}; choose from {', '.join(SETS)}")
