@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+from functools import cached_property
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,11 +64,21 @@ class OpenWebTextDataModule(TokenDataModule):
         if val_docs < 1:
             raise DataError(f"data.init_args.val_docs is {val_docs}; hold out at least one document")
         self.tokenizer = load_tokenizer(tokenizer)
-        self.files = None if paths is None else _expand(paths)
-        source = {"hub": hf_dataset} if self.files is None else {"files": file_identity(self.files)}
-        key = {"tokenizer": self.tokenizer.fingerprint, "seq_len": seq_len, "source": source,
-               "text_field": text_field, "val_docs": val_docs}
-        self.cache = BlockCache(Path(data_dir), "openwebtext", key)
+
+    @cached_property
+    def files(self) -> list[Path] | None:
+        """The local files, or ``None`` for the hub. Resolved on first use, not in ``__init__``, so
+        ``md4 sample`` can rebuild this module from a checkpoint where the corpus is absent."""
+        return None if self.hparams.paths is None else _expand(self.hparams.paths)
+
+    @cached_property
+    def cache(self) -> BlockCache:
+        """The token cache, keyed on everything its tokens depend on."""
+        hp = self.hparams
+        source = {"hub": hp.hf_dataset} if self.files is None else {"files": file_identity(self.files)}
+        key = {"tokenizer": self.tokenizer.fingerprint, "seq_len": hp.seq_len, "source": source,
+               "text_field": hp.text_field, "val_docs": hp.val_docs}
+        return BlockCache(Path(hp.data_dir), "openwebtext", key)
 
     @property
     def vocab_size(self) -> int:

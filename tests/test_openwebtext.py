@@ -124,8 +124,9 @@ def test_decode_shows_masks(tmp_path, bpe):
 
 
 def test_bad_inputs_are_one_line_data_errors(tmp_path, bpe, monkeypatch):
+    missing = OpenWebTextDataModule(paths=[str(tmp_path / "missing*.jsonl")], tokenizer=str(bpe))
     with pytest.raises(DataError, match="no file matches"):
-        OpenWebTextDataModule(paths=[str(tmp_path / "missing*.jsonl")], tokenizer=str(bpe))
+        missing.prepare_data()
     with pytest.raises(DataError, match="does not exist"):
         OpenWebTextDataModule(paths=[str(tmp_path / "x.jsonl")], tokenizer=str(tmp_path / "nope.json"))
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "wrong field"}\n')
