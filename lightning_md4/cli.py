@@ -129,22 +129,27 @@ def sample_main(argv: list[str]) -> None:
     p.add_argument("--num_samples", type=int, default=64)
     p.add_argument("--steps", type=int, default=256, help="number of sampling steps")
     p.add_argument("--grid", choices=GRIDS, default="cosine", help="time grid of the sampler")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="classifier-free guidance scale (class-conditional models, which draw the classes in turn)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="samples.png", help="PNG for image data, text file for text data")
     args = p.parse_args(argv)
-    model, datamodule = load_model_and_data(args.ckpt_path, args.device)
+    model, datamodule = load_model_and_data(args.ckpt_path, args.device, args.guidance)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    tokens, nfe = model.sample(args.num_samples, args.steps, args.grid, generator=generator)
+    tokens, nfe = model.sample(args.num_samples, args.steps, args.grid, generator=generator, guidance=args.guidance)
     out = save_samples(tokens, datamodule, args.output)
     print(f"wrote {args.num_samples} samples to {out} ({args.steps} steps, {args.grid} grid, {nfe} network evaluations)")
 
 
-def load_model_and_data(ckpt_path: str, device: str) -> tuple[DiffusionModule, TokenDataModule]:
+def load_model_and_data(ckpt_path: str, device: str, guidance: float = 0.0) -> tuple[DiffusionModule, TokenDataModule]:
     """The model (EMA weights) and the data module of a checkpoint written by ``md4 fit``."""
     ckpt = load_checkpoint(ckpt_path)
     model_cls = resolve_class(ckpt["hyper_parameters"]["_class_path"], DiffusionModule)
     model = model_cls.load_from_checkpoint(ckpt_path, map_location=device)
+    if guidance and not model.num_classes:
+        raise CheckpointError(f"{ckpt_path} holds an unconditional model; --guidance needs a class-conditional "
+                              "one (network.num_classes > 0)")
     data_cls = resolve_class(ckpt.get("datamodule_hyper_parameters", {}).get("_class_path", ""), TokenDataModule)
     return model, data_cls.load_from_checkpoint(ckpt_path)
 
@@ -173,7 +178,7 @@ def evaluate_main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     check_isc_splits(args.num_samples, args.isc_splits)
     weights = inception_weights(args.inception_weights)  # fail before sampling, not after
-    model, datamodule = load_model_and_data(args.ckpt_path, args.device)
+    model, datamodule = load_model_and_data(args.ckpt_path, args.device, args.guidance)
     if not hasattr(datamodule, "reference_images"):
         raise CheckpointError(f"{args.ckpt_path} is a model of {type(datamodule).__name__}, not of images; "
                               "evaluate-samples needs an image data set such as CIFAR10DataModule")
