@@ -161,14 +161,23 @@ class DiscreteDiffusion(TimeRange):
         # Marks the positions to generate in ``sample(x=...)``: the mask id for ``absorb``; for
         # ``uniform`` (which has no mask state) the same value V, never fed to the network.
         self.generate_id = vocab_size
+        self._device_tables: dict[tuple[str, torch.device], Tensor] = {}
+
+    def _on(self, name: str, device: torch.device) -> Tensor:
+        """The table ``name`` on ``device``, copied once: a host-to-device copy at every step
+        would stall the GPU stream."""
+        key = (name, torch.device(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = getattr(self, name).to(device)
+        return self._device_tables[key]
 
     # -- schedule --------------------------------------------------------------------------
     def alpha(self, t_index: Tensor) -> Tensor:
         """``abar_t``: probability that a token is untouched after t steps, float64, t in 0..T."""
-        return self.alphas.to(t_index.device)[t_index.long()]
+        return self._on("alphas", t_index.device)[t_index.long()]
 
     def one_minus_alpha(self, t_index: Tensor) -> Tensor:
-        return self.one_minus_alphas.to(t_index.device)[t_index.long()]
+        return self._on("one_minus_alphas", t_index.device)[t_index.long()]
 
     def beta(self, t_index: Tensor) -> Tensor:
         """``beta_t = 1 - abar_t / abar_{t-1}``, t in 1..T (``1 / (T - t + 1)`` for ``linear``)."""
@@ -253,11 +262,11 @@ class DiscreteDiffusion(TimeRange):
         dtype, device = log_x0.dtype, log_x0.device
         keep, a_s, abar_s = self._time_factor(t, s, xt.ndim)
         # log (p0 Qbar_s)[j] = log(abar_s p0_j + (1 - abar_s) pi_j)
-        log_pi = self.log_pi.to(device=device, dtype=dtype)
+        log_pi = self._on("log_pi", device).to(dtype)
         mix = _logaddexp(a_s.log()[..., None].to(dtype) + log_x0,
                          abar_s.log()[..., None].to(dtype) + log_pi)
         # log Q_{t|s}[j, x_t] = log(keep delta_{j, x_t} + (1 - keep) pi_{x_t}), computed in float64
-        pi_xt = self.pi.to(device)[xt]
+        pi_xt = self._on("pi", device)[xt]
         diag = torch.log(keep + (1.0 - keep) * pi_xt)
         off = torch.log((1.0 - keep) * pi_xt)
         onehot = torch.arange(self.num_states, device=device) == xt[..., None]
@@ -301,7 +310,7 @@ class DiscreteDiffusion(TimeRange):
         if not self._check_width(logits.shape[-1]):
             probs = torch.cat([probs, torch.zeros_like(probs[..., :1])], dim=-1)
         keep, a_s, abar_s = self._time_factor(t_index, None, xt.ndim)
-        pi = self.pi.to(logits.device)
+        pi = self._on("pi", logits.device)
         fact1 = torch.where(torch.arange(self.num_states, device=xt.device) == xt[..., None],
                             (keep + (1.0 - keep) * pi[xt])[..., None], ((1.0 - keep) * pi[xt])[..., None])
         fact1 = fact1.to(dtype)

@@ -88,7 +88,7 @@ class GenMaskedDiffusion(TimeRange):
     def endpoint_terms(self, x0: Tensor) -> Tensor:
         """Reconstruction at t_min plus the prior at t = 1, nats ``[B]``, differentiable in w."""
         log_v = math.log(self.vocab_size)
-        t_min = torch.tensor(self.t_min, dtype=self.schedule.raw.dtype, device=x0.device)
+        t_min = torch.full((), self.t_min, dtype=self.schedule.raw.dtype, device=x0.device)  # no host copy
         recon = self.schedule.mask_prob(self.schedule.w[x0], t_min).sum(-1)  # 0 when t_min = 0
         return (recon + x0.shape[1] * self.schedule.eps) * log_v
 
