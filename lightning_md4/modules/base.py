@@ -104,7 +104,8 @@ class DiffusionModule(pl.LightningModule):
         x0, index = batch["x0"], batch["index"]
         B, N = x0.shape
         if self.hparams.antithetic:  # the same offset on every rank, each rank its own strata
-            step = torch.tensor([self.global_step], device=x0.device)
+            # torch.full fills on the device; torch.tensor would copy from the host and sync the stream.
+            step = torch.full((1,), self.global_step, dtype=torch.int64, device=x0.device)
             u = keyed_uniform(self.hparams.seed, step, 1, stream=TRAIN_TIME_STREAM)[0, 0]
             world, rank = self.trainer.world_size, self.trainer.global_rank
             u = stratified_times(u, B, offset=rank * B, total=world * B)
