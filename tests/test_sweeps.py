@@ -33,6 +33,8 @@ TINY = ["--trainer.accelerator=cpu", "--trainer.max_steps=4", "--trainer.val_che
         "--model.init_args.network.n_layers=1", "--model.init_args.network.d_model=32",
         "--model.init_args.network.n_heads=2", "--model.init_args.network.d_cond=16",
         "--data.init_args.global_batch_size=16", "--data.init_args.eval_batch_size=16"]
+# One thread per training process: the runs are tiny, and several share the CI machine's cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 GRID_2x2 = {"schedule": {"type": "categorical", "choices": ["linear", "cosine"], "arg": "model.init_args.schedule"},
             "antithetic": {"type": "categorical", "choices": [True, False], "arg": "model.init_args.antithetic"}}
 
@@ -49,7 +51,7 @@ def write_study(tmp_path: Path, name: str = "s", **overrides) -> Path:
 
 def sweep(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "sweeps.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -154,7 +156,7 @@ def test_grid_study_of_ddp_trials_by_two_workers_sharing_a_journal(tmp_path):
     study_file = write_study(tmp_path, launcher={"kind": "torchrun", "devices": 2},
                              storage=f"journal:{tmp_path / 'study.log'}")
     workers = [subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(study_file)], cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=900) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [err[-3000:] for _, err in outputs]
     all_trials = load(study_file).get_trials()
@@ -213,7 +215,7 @@ def test_killed_worker_restarts_without_lost_or_duplicate_trials(tmp_path):
     long_args = [*TINY, "--trainer.max_steps=2000", "--trainer.val_check_interval=1000"]
     study_file = write_study(tmp_path, search_space=space, args=long_args)
     worker = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(study_file)], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # LightningCLI writes config.yaml into the run folder just before training starts.
         _wait_for((tmp_path / "study" / "trial_0000" / "config.yaml").is_file, timeout=300)
@@ -240,7 +242,7 @@ def test_two_torchrun_nodes_on_localhost(tmp_path):
     """The multi-node path: two torchrun "nodes" of 1 process each on localhost, global batch 16."""
     port = 29500 + os.getpid() % 1000
     args = ["--config", BASE[0], *TINY, "--data.init_args.batch_size=null", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'run'}"]
-    env = {**os.environ, "PYTHON": sys.executable, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {**ENV, "PYTHON": sys.executable, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     nodes = [subprocess.Popen(["bash", str(ROOT / "scripts" / "torchrun.sh"), *args], cwd=tmp_path,
                               env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for rank in (0, 1)]
