@@ -58,10 +58,15 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
 
 
+def _optuna_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
+    """Whether ``storage`` keeps Optuna's own heartbeat (Optuna exposes this check only privately)."""
+    return optuna.storages._heartbeat.is_heartbeat_enabled(storage)
+
+
 def record_heartbeat(study: optuna.Study, trial_id: int) -> None:
     """One beat of the worker running ``trial_id``."""
     storage = study._storage
-    if optuna.storages._heartbeat.is_heartbeat_enabled(storage):
+    if _optuna_heartbeat(storage):
         storage.record_heartbeat(trial_id)
     else:
         storage.set_trial_system_attr(trial_id, BEAT_ATTR, time.time())
@@ -75,7 +80,7 @@ def fail_stale_trials(study: optuna.Study, grace_period: float, max_retry: int |
     stale trial is retried exactly once even when several workers notice it.
     """
     storage = study._storage
-    if optuna.storages._heartbeat.is_heartbeat_enabled(storage):
+    if _optuna_heartbeat(storage):
         optuna.storages.fail_stale_trials(study)
         return
     now = time.time()
