@@ -103,13 +103,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def process_cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children: on a shared CPU it
+    varies less with other load than the wall clock does."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 class StepTimer(pl.Callback):
     """Times steps ``warmup .. warmup + steps`` with a device sync at the two ends only, records peak
     memory over the timed steps, and writes the result as JSON to ``output``."""
 
     def __init__(self, warmup: int, steps: int, output: str) -> None:
         self.warmup, self.steps, self.output = warmup, steps, output
-        self.start = 0.0
+        self.start = self.cpu_start = 0.0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -119,6 +126,7 @@ class StepTimer(pl.Callback):
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             self.start = time.perf_counter()
+            self.cpu_start = process_cpu_seconds()
         elif trainer.global_step == self.warmup + self.steps:
             sync(device)
             seconds = time.perf_counter() - self.start
@@ -126,6 +134,7 @@ class StepTimer(pl.Callback):
             peak = (torch.cuda.max_memory_allocated() if device == "cuda"
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
             result = {"steps_per_s": self.steps / seconds,
+                      "cpu_s_per_step": (process_cpu_seconds() - self.cpu_start) / self.steps,
                       "tokens_per_s": self.steps * x0.numel() * trainer.world_size / seconds,
                       "peak_memory_gib": peak / 2**30, "loss": float(outputs["loss"])}
             Path(self.output).write_text(json.dumps(result))
@@ -228,16 +237,17 @@ def sample_row(size: Size, device: str, cache: bool, compiled: bool) -> dict[str
 
 def markdown(rows: list[dict[str, Any]], peak: float, size: Size) -> str:
     lines = [f"matmul peak {peak / 1e12:.2f} TFLOP/s; {flops_per_token(size) / 1e6:.1f} MFLOP per token",
-             "", "| method | levers | steps/s | tokens/s | MFU | peak memory GiB | vs first row |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| method | levers | steps/s | tokens/s | MFU | peak memory GiB | vs first row | CPU s/step |",
+             "|---|---|---|---|---|---|---|---|"]
     first = next((r["tokens_per_s"] for r in rows if "tokens_per_s" in r), None)
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['label']} | failed: {r['error'].splitlines()[-1][:120]} | | | | |")
+            lines.append(f"| {r['method']} | {r['label']} | failed: {r['error'].splitlines()[-1][:120]} | | | | | |")
             continue
         mfu = r["tokens_per_s"] * flops_per_token(size) / peak
         lines.append(f"| {r['method']} | {r['label']} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                     f"{100 * mfu:.1f}% | {r['peak_memory_gib']:.2f} | {r['tokens_per_s'] / first:.2f}x |")
+                     f"{100 * mfu:.1f}% | {r['peak_memory_gib']:.2f} | {r['tokens_per_s'] / first:.2f}x | "
+                     f"{r.get('cpu_s_per_step', float('nan')):.2f} |")
     return "\n".join(lines)
 
 
