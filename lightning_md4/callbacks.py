@@ -99,12 +99,17 @@ class EstimatorVarianceMonitor(pl.Callback):
         params = [p for p in pl_module.parameters() if p.requires_grad]
         # Validation runs under inference mode; gradients need it switched off.
         with torch.inference_mode(False), torch.enable_grad():
-            x0 = torch.stack([val_set[i]["x0"] for i in range(min(self.num_sequences, len(val_set)))])
-            x0 = x0.clone().to(pl_module.device)
+            items = [val_set[i] for i in range(min(self.num_sequences, len(val_set)))]
+            x0 = torch.stack([item["x0"] for item in items]).clone().to(pl_module.device)
+            y = torch.as_tensor([item["y"] for item in items], device=pl_module.device) if "y" in items[0] else None
             for m in self.samples_per_sequence:
                 generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+                # Labels in the row order of nelbo_estimate's repeat_interleave, bound by the module
+                # as in training (a class-conditional network needs them).
+                batch = {"x0": x0} if y is None else {"x0": x0, "y": y.repeat_interleave(m)}
+                denoiser = pl_module.denoiser(batch)
                 stats = estimator_stats(
-                    lambda: nelbo_estimate(pl_module.process, pl_module.net, x0, m, pl_module.hparams.antithetic,
+                    lambda: nelbo_estimate(pl_module.process, denoiser, x0, m, pl_module.hparams.antithetic,
                                            generator),
                     params, self.draws)
                 pl_module.log_dict({f"val/nelbo_estimator_var_m{m}": stats.nelbo_var,
