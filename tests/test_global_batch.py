@@ -70,3 +70,19 @@ def test_cli_reports_an_indivisible_global_batch_in_one_line(tmp_path):
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("md4: error: data.init_args.global_batch_size 64 does not divide"), proc.stderr[-2000:]
+
+
+def test_every_training_data_module_takes_the_global_batch():
+    """Configs fix the global batch for any data set, so every module that trains must accept it."""
+    import inspect
+
+    import datamodules
+    from datamodules.base import TokenDataModule
+    from datamodules.tokens import TokenFileDataModule
+
+    classes = {getattr(datamodules, name) for name in datamodules.__all__} | {TokenFileDataModule}
+    trainable = [c for c in classes if isinstance(c, type) and issubclass(c, TokenDataModule)
+                 and c is not TokenDataModule and c.__name__ != "ZeroShotDataModule"]
+    assert len(trainable) >= 7
+    for cls in trainable:
+        assert "global_batch_size" in inspect.signature(cls.__init__).parameters, cls.__name__
