@@ -85,5 +85,7 @@ class ForeachEMA(EMAWeightAveraging):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            # The parent's one hook point for the averaged model is this attribute, which its other
+            # hooks (swap for validation, checkpoints) use; only the model class differs.
             self._average_model = _ForeachEMAModel(pl_module, self.decay, self.ema_device or pl_module.device,
                                                    self.ema_use_buffers)
