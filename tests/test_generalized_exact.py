@@ -78,6 +78,79 @@ def test_nelbo_with_oracle_integrates_to_minus_log_likelihood(w):
         assert value == pytest.approx(-math.log(PROBS[which].item()), rel=1e-5), (which, w)
 
 
+T_MIN = 1e-3
+
+
+def bound_with_true_reverse(w, x0, log_decoder) -> float:
+    """The GenMD4 bound for ``x0`` [N] (eps = 0) when the reverse process from t = 1 down to t_min is
+    the true one, enumerated over the masks at t_min: the diffusion part is then
+    ``E_q[log q(x_{t_min} | x0) - log q(x_{t_min})]`` (the reverse chain's terms above t_min cancel)
+    and the reconstruction ``E_q[-sum_{masked n} log_decoder[x0[n]]]``."""
+    masked_prob = T_MIN ** torch.as_tensor(w, dtype=torch.float64)  # [V]
+    def q_given(x0s):  # q(x_{t_min} = x0 masked at MASKS | x0s) [K, 8] for x0s [K, N]
+        keep = (1 - masked_prob[x0s][:, None]) * (x0s[:, None] == x0)
+        return torch.where(MASKS[None], masked_prob[x0s][:, None], keep).prod(-1)
+    q_x0 = q_given(x0[None])[0]  # [8]
+    q_marginal = (PROBS[:, None] * q_given(CONFIGS)).sum(0)  # [8]
+    recon = -(MASKS * log_decoder[x0]).sum(-1)  # [8]
+    return (q_x0 * (q_x0.log() - q_marginal.log() + recon)).sum().item()
+
+
+def integrated_nelbo(process, x0) -> float:
+    """E over t ~ U[t_min, 1] and the masks of ``process.nelbo`` with the exact posterior, float64.
+    Gauss-Legendre in log t: the integrand varies like t^w near t_min."""
+    oracle = StateDependentOracle(process)
+    nodes, weights = np.polynomial.legendre.leggauss(128)
+    log_t = torch.tensor((nodes + 1) / 2 * -math.log(T_MIN) + math.log(T_MIN), dtype=torch.float64)
+    t = log_t.exp()
+    wq = torch.tensor(weights / 2 * -math.log(T_MIN), dtype=torch.float64) * t / (1 - T_MIN)  # sums to 1
+    noise = torch.where(MASKS, 0.0, 1.0 - 1e-15).double()
+    p_mask = process.schedule.mask_prob(process.schedule.w.detach()[x0][None], t[:, None])  # [Q, N]
+    p_pattern = torch.where(MASKS[None], p_mask[:, None], 1 - p_mask[:, None]).prod(-1)  # [Q, 8]
+    with torch.no_grad():
+        est = process.nelbo(oracle, x0.expand(len(t) * len(MASKS), N), t=t.repeat_interleave(len(MASKS)),
+                            noise=noise.repeat(len(t), 1))
+    return (wq[:, None] * p_pattern * est.view(len(t), len(MASKS))).sum().item()
+
+
+def test_reconstruction_decodes_in_proportion_to_the_masking_probability():
+    """A token still masked at t_min is v with probability proportional to 1 - alpha_{t_min}(v)
+    (uniform prior times masking probability), not 1 / V: with unequal w the exact bound is tighter."""
+    w = [0.3, 1.0, 3.0]
+    process = make_process(w, t_min=T_MIN)
+    masked_prob = T_MIN ** torch.tensor(w, dtype=torch.float64)
+    log_decoder = (masked_prob / masked_prob.sum()).log()  # [V]
+    uniform = torch.full((V,), -math.log(V), dtype=torch.float64)
+    nelbo = torch.tensor([integrated_nelbo(process, x0) for x0 in CONFIGS], dtype=torch.float64)
+    for which in (0, 5, 13, 26):
+        assert nelbo[which].item() == pytest.approx(bound_with_true_reverse(w, CONFIGS[which], log_decoder), rel=1e-6)
+    entropy = -(PROBS * PROBS.log()).sum().item()
+    expected = (PROBS * nelbo).sum().item()
+    with_uniform_decoder = sum(p.item() * bound_with_true_reverse(w, x0, uniform) for x0, p in zip(CONFIGS, PROBS))
+    # Per token: still masked with probability t_min^{w_x0}, then costs -log decoder instead of log V.
+    gap = (PROBS[:, None] * masked_prob[CONFIGS] * (math.log(V) + log_decoder[CONFIGS])).sum().item()
+    assert entropy < expected < with_uniform_decoder
+    assert with_uniform_decoder - expected == pytest.approx(gap, rel=1e-6)
+    assert gap > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reconstruction_gradient_in_w(dtype):
+    """The reconstruction term's w-gradient flows through both the masking probability and the
+    decoder; finite in float32 even when t_min^w underflows."""
+    w = torch.tensor([0.05, 1.0, 40.0], dtype=torch.float64)
+    process = make_process(w, t_min=T_MIN)
+    process.schedule.to(dtype)
+    x0 = torch.tensor([[0, 1, 2], [2, 2, 0]])
+    (grad,) = torch.autograd.grad(process.endpoint_terms(x0).sum(), process.schedule.raw)
+    raw = torch.log(torch.expm1(w)).requires_grad_()
+    masked_prob = T_MIN ** torch.nn.functional.softplus(raw)  # [V]
+    recon = -(masked_prob[x0] * (masked_prob / masked_prob.sum()).log()[x0]).sum()
+    (grad_ref,) = torch.autograd.grad(recon, raw)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-7)
+
+
 # The REINFORCE tests use a longer sequence (2^10 masks, still enumerable): with N = 3 the loss
 # has a small mean and no baseline can help; at realistic lengths it is mostly its mean.
 LONG = 10

@@ -54,10 +54,9 @@ class GenMaskedDiffusion(TimeRange):
     """The GenMD4 process with the same public API as ``MaskedDiffusion``.
 
     Times live in ``[t_min, 1]``: a uniform draw u becomes ``t = t_min + (1 - t_min) u`` and the
-    estimator carries the Jacobian ``1 - t_min``. Endpoint rule (as MD4's): the reconstruction
-    term at t_min, ``sum_n (1 - alpha_{t_min}(x0[n])) log V`` (a token still masked at t_min is
-    predicted uniformly; it depends on w and is differentiated directly), plus the prior term
-    ``N eps log V`` at t = 1.
+    estimator carries the Jacobian ``1 - t_min``. Endpoint terms: the reconstruction term at
+    t_min (``reconstruction``; it depends on w and is differentiated directly) plus MD4's prior
+    term ``N eps log V`` at t = 1.
     """
 
     def __init__(self, schedule: PerTokenSchedule, vocab_size: int, t_min: float = 1e-3) -> None:
@@ -85,12 +84,32 @@ class GenMaskedDiffusion(TimeRange):
         logp = torch.where(mask, self.schedule.log_mask_prob(w, t), self.schedule.log_keep_prob(w, t))
         return logp.sum(-1)
 
+    def log_decoder(self) -> Tensor:
+        """log p(x0 = v | masked at t_min) ``[V]``: the paper's decoder for a token still masked at t_min.
+
+        A uniform prior over v times the probability that v is masked at t_min, normalised:
+        ``(1 - alpha_{t_min}(v)) / sum_u (1 - alpha_{t_min}(u)) = softmax_v(w_v log t_min)``
+        ((1 - eps) cancels). Equal w give the uniform decoder; otherwise values with small
+        exponents, the ones likely to be still masked, get the mass. Needs t_min > 0.
+        """
+        log_t_min = math.log(self.t_min)
+        return torch.log_softmax(self.schedule.w * log_t_min, dim=-1)
+
+    def reconstruction(self, x0: Tensor) -> Tensor:
+        """E_q[-log p(x0 | x_{t_min})] for ``x0`` [B, N], nats ``[B]``, differentiable in w.
+
+        Visible tokens are copied (no cost); token n is still masked with probability
+        ``1 - alpha_{t_min}(x0[n])`` and then costs ``-log_decoder()[x0[n]]``.
+        """
+        if self.t_min == 0.0:  # nothing is masked at t = 0; the decoder's log t_min would be -inf
+            return torch.zeros(x0.shape[0], dtype=self.schedule.raw.dtype, device=x0.device)
+        t_min = torch.full((), self.t_min, dtype=self.schedule.raw.dtype, device=x0.device)  # no host copy
+        still_masked = self.schedule.mask_prob(self.schedule.w[x0], t_min)  # [B, N]
+        return -(still_masked * self.log_decoder()[x0]).sum(-1)
+
     def endpoint_terms(self, x0: Tensor) -> Tensor:
         """Reconstruction at t_min plus the prior at t = 1, nats ``[B]``, differentiable in w."""
-        log_v = math.log(self.vocab_size)
-        t_min = torch.full((), self.t_min, dtype=self.schedule.raw.dtype, device=x0.device)  # no host copy
-        recon = self.schedule.mask_prob(self.schedule.w[x0], t_min).sum(-1)  # 0 when t_min = 0
-        return (recon + x0.shape[1] * self.schedule.eps) * log_v
+        return self.reconstruction(x0) + x0.shape[1] * self.schedule.eps * math.log(self.vocab_size)
 
     # -- losses ----------------------------------------------------------------------------
     def integrand(self, logits: Tensor, x0: Tensor, mask: Tensor, t: Tensor) -> Tensor:
