@@ -143,3 +143,43 @@ def test_final_argmax_fills_what_clipping_leaves_masked():
     denoiser = ExactDenoiser(CONFIGS, PROBS, process.mask_id)
     samples = process.sample(denoiser, (500, N), steps=4, generator=torch.Generator().manual_seed(6))
     assert (samples < V).all()
+
+
+class MaskCounter:
+    """A denoiser with a flat posterior that records, at each call, the time it receives and the
+    fraction of its input still masked: the sampler's state on the grid, before that step."""
+
+    def __init__(self, mask_id: int, vocab_size: int) -> None:
+        self.mask_id, self.vocab_size = mask_id, vocab_size
+        self.times: list[float] = []
+        self.masked: list[float] = []
+
+    def __call__(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.times.append(float(t[0]))
+        self.masked.append((xt == self.mask_id).double().mean().item())
+        return torch.zeros(*xt.shape, self.vocab_size, dtype=torch.float64)
+
+
+# 1 - alpha(t) by hand: the probability that a token is masked at time t.
+MASK_PROB = {"linear": lambda t: t, "cosine": lambda t: math.sin(0.5 * math.pi * t)}
+GRID = {"uniform": lambda u: u, "cosine": lambda u: math.cos(0.5 * math.pi * (1.0 - u))}
+
+
+@pytest.mark.parametrize("grid", ["uniform", "cosine"])
+@pytest.mark.parametrize("name, schedule", [("linear", Linear()), ("cosine", Cosine())])
+def test_sampler_reveals_tokens_on_the_schedule(name, schedule, grid):
+    """Starting all-masked at t = 1, a token is still masked at grid time t with probability
+    1 - alpha(t), independently of the others, so the masked count is Binomial(B N, 1 - alpha(t)).
+    The time-independent oracle cannot see this: a sampler revealing a fixed fraction of the
+    masked tokens per step reproduces the data law, but leaves t (not 1 - alpha(t)) masked."""
+    process = MaskedDiffusion(schedule, V)
+    counter = MaskCounter(process.mask_id, V)
+    B, L, steps = 400, 500, 10
+    samples = process.sample(counter, (B, L), steps=steps, grid=grid, generator=torch.Generator().manual_seed(7))
+    assert (samples < V).all()
+    times = [GRID[grid](1.0 - k / steps) for k in range(steps)]  # t_steps = 1 > ... > t_1; t_0 = 0 reveals all
+    assert counter.times == pytest.approx(times, rel=0, abs=1e-15)
+    for t, frac in zip(times, counter.masked):
+        p = MASK_PROB[name](t)
+        sigma = math.sqrt(p * (1.0 - p) / (B * L))
+        assert abs(frac - p) <= 5 * sigma + 1e-12, (t, frac, p, sigma)
