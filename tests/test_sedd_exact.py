@@ -480,6 +480,40 @@ def test_output_cache_and_network_evaluation_count():
     assert (process.sample(oracle, (100, N), steps=1, generator=g) < V).all()
 
 
+
+def sigma_bar_by_hand(noise: str, t: float) -> float:
+    """SEDD's total noise at the process defaults (eps = 1e-3; sigma_min = 1e-4, sigma_max = 20)."""
+    if noise == "loglinear":
+        return -math.log1p(-(1.0 - 1e-3) * t)
+    return 1e-4 ** (1.0 - t) * 20.0**t
+
+
+@pytest.mark.parametrize("noise", NOISES)
+def test_absorb_sampler_reveals_tokens_on_the_schedule(noise):
+    """With normalised scores (raw = 0: s = r / V for every y) the analytic step reveals a masked
+    token with probability (alpha_s - alpha_t) / (1 - alpha_t); started all-masked at t = 1, a
+    token is still masked at grid time t with probability (1 - alpha_t) / (1 - alpha_1),
+    alpha = exp(-sigma_bar), independently of the others. The sampler's state before each network
+    call must sit within 5 binomial sigmas of it, and the call must receive sigma_bar(t)."""
+    process = ScoreEntropyDiffusion(V, noise=noise)
+    seen: list[tuple[float, float]] = []
+
+    def flat(xt, sigma_bar):
+        seen.append((float(sigma_bar[0]), (xt == V).double().mean().item()))
+        return torch.zeros(*xt.shape, V, dtype=torch.float64)
+
+    B, L, steps = 400, 500, 10
+    out = process.sample(flat, (B, L), steps=steps, generator=torch.Generator().manual_seed(13))
+    assert (out < V).all() and len(seen) == steps  # the last call is the denoising step
+    one_minus_alpha_1 = -math.expm1(-sigma_bar_by_hand(noise, 1.0))
+    for k, (sigma_bar, frac) in enumerate(seen):
+        t = 1.0 - k / steps
+        assert sigma_bar == pytest.approx(sigma_bar_by_hand(noise, t), rel=1e-12)
+        p = -math.expm1(-sigma_bar_by_hand(noise, t)) / one_minus_alpha_1
+        sigma = math.sqrt(p * (1.0 - p) / (B * L))
+        assert abs(frac - p) <= 5 * sigma + 1e-12, (t, frac, p, sigma)
+
+
 # --- 5. numerics -------------------------------------------------------------------------------
 
 
