@@ -148,7 +148,7 @@ def test_all_levers_together_train_like_the_plain_run(tmp_path):
     """EMA weights, losses and the final EMA state agree between the plain and the optimised run."""
     data = token_data(tmp_path)
     plain, plain_losses = fit(data, tmp_path, [EMAWeightAveraging(decay=0.9)])
-    fast, fast_losses = fit(data, tmp_path, [ForeachEMA(decay=0.9), CompileNetwork()], logits_at="masked",
+    fast, fast_losses = fit(data, tmp_path, [ForeachEMA(decay=0.9, warmup=False), CompileNetwork()], logits_at="masked",
                             ce_chunk_rows=24)
     np.testing.assert_allclose(fast_losses, plain_losses, rtol=1e-4)
     for (name, a), b in zip(plain.named_parameters(), fast.parameters()):  # after fit these are the EMA weights
@@ -158,13 +158,13 @@ def test_all_levers_together_train_like_the_plain_run(tmp_path):
 def test_foreach_ema_equals_lightnings_ema_and_resumes(tmp_path):
     data = token_data(tmp_path)
     ref, _ = fit(data, tmp_path, [EMAWeightAveraging(decay=0.8)], steps=5)
-    ema = ForeachEMA(decay=0.8)
+    ema = ForeachEMA(decay=0.8, warmup=False)
     mine, _ = fit(data, tmp_path, [ema], steps=5)
     for (name, a), b in zip(ref.named_parameters(), mine.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
     assert int(ema._average_model.n_averaged) == 5
     # A resumed EMA continues from its restored count instead of copying the weights afresh.
-    restored = ForeachEMA(decay=0.8)
+    restored = ForeachEMA(decay=0.8, warmup=False)
     restored.setup(None, mine, "fit")
     restored._average_model.load_state_dict(ema._average_model.state_dict())
     before = [p.detach().clone() for p in restored._average_model.module.parameters()]
@@ -174,6 +174,82 @@ def test_foreach_ema_equals_lightnings_ema_and_resumes(tmp_path):
     restored._average_model.update_parameters(mine)
     for old, new, cur in zip(before, restored._average_model.module.parameters(), mine.parameters()):
         torch.testing.assert_close(new, 0.8 * old + 0.2 * cur)
+
+
+class Scalar(pl.LightningModule):
+    """One float64 parameter ``theta`` the tests set by hand, standing for a network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+
+
+def warmed_up_ema(values: list[float], **ema_args) -> float:
+    """The EMA of ``theta`` after one update per value in ``values`` (the model at update k)."""
+    model = Scalar()
+    ema = ForeachEMA(**ema_args)
+    ema.setup(None, model, "fit")
+    for value in values:
+        with torch.no_grad():
+            model.theta.fill_(value)
+        ema._average_model.update_parameters(model)
+    assert int(ema._average_model.n_averaged) == len(values)
+    return float(ema._average_model.module.theta.detach())
+
+
+def test_warmup_ema_is_the_closed_form_weighted_sum():
+    """After N updates with model values x_1..x_N, the EMA is sum_k w_k x_k with
+    w_k = (1 - d_{k-1}) prod_{j=k}^{N-1} d_j and d_n = min(decay, 1 - (1 + n / inv_gamma)^-power)
+    (d_0 = 0: the first update copies). x_1 stands for the initialisation: its weight is prod_j d_j."""
+    decay, inv_gamma, power, N = 0.9, 2.0, 0.75, 60  # the cap binds from n = 41 on
+    d = [min(decay, 1.0 - (1.0 + n / inv_gamma) ** -power) for n in range(N)]
+    assert d[0] == 0.0 and d[10] < decay and d[-1] == decay
+    weights = [(1.0 - d[k - 1]) * float(np.prod(d[k:N], dtype=np.float64)) for k in range(1, N + 1)]
+    assert abs(sum(weights) - 1.0) < 1e-12
+    x = np.random.default_rng(0).normal(size=N).tolist()
+    args = {"decay": decay, "inv_gamma": inv_gamma, "power": power}
+    assert warmed_up_ema(x, **args) == pytest.approx(float(np.dot(weights, x)), rel=1e-12, abs=1e-14)
+    # The first weights alone: an impulse at update 1.
+    first_weight = warmed_up_ema([1.0] + [0.0] * (N - 1), **args)
+    assert first_weight == pytest.approx(float(np.prod(d[1:], dtype=np.float64)), rel=1e-12, abs=0)
+    # What the warm-up buys: a constant 0.9 would keep 0.9^59 of them, 150 times more.
+    assert warmed_up_ema([1.0] + [0.0] * (N - 1), decay=decay, warmup=False) == pytest.approx(decay ** (N - 1))
+    assert first_weight < decay ** (N - 1) / 100
+
+
+def test_resumed_ema_continues_its_warmup(tmp_path):
+    """A checkpoint holds the EMA weights and the update count; a resumed run's next update uses
+    the decay of that count, d_3 = 1 - 4^-0.75 = 0.646 here, not the first update's copy or the cap."""
+    data = token_data(tmp_path)
+
+    def run(steps: int, folder: str, ckpt_path: str | None = None) -> None:
+        pl.seed_everything(0)
+        model = MD4(data.vocab_size, data.seq_len, network=TINY, optim={"lr": 1e-2, "warmup_steps": 1})
+        checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=1, save_top_k=-1,
+                                                   filename="{step}")
+        trainer = pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                             callbacks=[ForeachEMA(decay=0.999), checkpoints], default_root_dir=tmp_path,
+                             enable_model_summary=False)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+
+    run(3, "first")
+    run(4, "resumed", ckpt_path=str(tmp_path / "first" / "step=3.ckpt"))
+    before = torch.load(tmp_path / "first" / "step=3.ckpt", weights_only=True)
+    after = torch.load(tmp_path / "resumed" / "step=4.ckpt", weights_only=True)
+    assert int(before["averaging_state"]["n_averaged"]) == 3 and int(after["averaging_state"]["n_averaged"]) == 4
+    d3 = 1.0 - 4.0 ** -0.75
+    floats = [k for k, v in after["state_dict"].items() if v.is_floating_point()]
+    assert floats
+    for k in floats:
+        ema, model = before["state_dict"][k], after["current_model_state"][k]
+        torch.testing.assert_close(after["state_dict"][k], d3 * ema + (1 - d3) * model, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_ema_warmup_settings_are_checked():
+    with pytest.raises(ValueError, match="decay"):
+        ForeachEMA(decay=1.5)
+    with pytest.raises(ValueError, match="inv_gamma"):
+        ForeachEMA(power=0.0)
 
 
 def test_token_file_errors_name_the_problem(tmp_path):
