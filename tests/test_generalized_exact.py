@@ -268,3 +268,42 @@ def test_training_moves_the_exponents_apart_on_skewed_data():
         opt.step()
     w = schedule.w.detach()
     assert torch.isfinite(w).all() and w.max() - w.min() > 0.15, w
+
+
+class LogitsTable(torch.nn.Module):
+    """A tiny learnable float64 denoiser: logits from the token at each position, per-position
+    offsets scaled with t. ``[B, N] -> [B, N, V]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.by_token = torch.nn.Parameter(torch.randn(V + 1, V, generator=g, dtype=torch.float64))
+        self.by_position = torch.nn.Parameter(torch.randn(LONG, V, generator=g, dtype=torch.float64))
+
+    def forward(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.by_token[xt] + self.by_position[None] * (1 + t[:, None, None])
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "batch"])
+def test_surrogate_gives_the_network_only_the_nelbo_gradient(estimator):
+    """The network does not enter log q, so its gradient from the surrogate is exactly that of the
+    reported NELBO at the same masks (reference.md section 2): no score-function part for theta."""
+    process = make_process([0.5, 1.0, 2.0], eps=1e-3, t_min=T_MIN)
+    net = LogitsTable()
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randint(0, V, (4, LONG), generator=g)
+    t = torch.rand(4, generator=g, dtype=torch.float64)
+    noises = [torch.rand(4, LONG, generator=g, dtype=torch.float64) for _ in range(2)]
+    surrogate, reported = process.surrogate_loss(net, x0, t=t, estimator=estimator,
+                                                 noise=tuple(noises) if estimator == "rloo" else noises[0])
+    grads = torch.autograd.grad(surrogate.mean(), list(net.parameters()))
+    used = noises if estimator == "rloo" else noises[:1]
+    f = torch.stack([process.nelbo(net, x0, t=t, noise=n) for n in used])  # [draws, 4]
+    expected = torch.autograd.grad(f.mean(0).mean(), list(net.parameters()))  # (f1 + f2) / 2 or f
+    torch.testing.assert_close(reported, f.mean(0).detach(), rtol=1e-14, atol=0)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    # The centred losses (f1 - f2, or f minus the others' mean) are far from 0, so a score-function
+    # term reaching theta would change its gradient.
+    centred = f[0] - f[1] if estimator == "rloo" else f[0] - (f[0].sum() - f[0]) / 3
+    assert (centred.abs() > 1e-3).all(), centred
