@@ -10,7 +10,7 @@ TINY = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16)
 
 
 class FakeTrainer:
-    world_size, global_rank, global_step, log_every_n_steps = 1, 0, 0, 50
+    world_size, global_rank, global_step, log_every_n_steps, accumulate_grad_batches = 1, 0, 0, 50, 1
 
 
 def groups_by_size(module):
@@ -43,17 +43,67 @@ def test_warmup_then_cosine():
 
 
 def test_training_noise_is_stratified_over_the_global_batch():
-    """Two ranks with 4 sequences each take disjoint strata of one 8-sequence batch."""
+    """Two ranks x two accumulated micro-batches of 2 sequences take disjoint strata of one 8-sequence batch."""
     m = MD4(5, 6, network=TINY)
-    batch = {"x0": torch.zeros(4, 6, dtype=torch.long), "index": torch.arange(4)}
+    batch = {"x0": torch.zeros(2, 6, dtype=torch.long), "index": torch.arange(2)}
     times = []
-    for rank in (0, 1):
-        trainer = FakeTrainer()
-        trainer.world_size, trainer.global_rank = 2, rank
-        m._trainer = trainer  # the noise only reads world_size and global_rank
-        times.append(m.train_noise(batch)[0])
+    for micro_index in (0, 1):
+        for rank in (0, 1):
+            trainer = FakeTrainer()
+            trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches = 2, rank, 2
+            m._trainer = trainer  # the noise only reads the layout and the step
+            m.micro_index = micro_index
+            times.append(m.train_noise(batch)[0])
     strata = sorted((torch.cat(times) * 8).floor().long().tolist())
     assert strata == list(range(8))
+
+
+class RecordingMD4(MD4):
+    """MD4 that records the times each training micro-batch draws, by optimiser step."""
+
+    def train_noise(self, batch, draw=0):
+        t, noise = super().train_noise(batch, draw)
+        self.times.setdefault(self.global_step, []).append(t)
+        return t, noise
+
+
+def test_accumulated_micro_batches_share_one_stratified_set(tmp_path):
+    """Under accumulate_grad_batches=2 the two micro-batches of a step hit each of the 2B strata once."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    m = RecordingMD4(5, 6, network=TINY)
+    m.times = {}
+    data = [{"x0": torch.randint(0, 5, (6,)), "index": torch.tensor(i)} for i in range(16)]
+    trainer = pl.Trainer(max_steps=2, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    trainer.fit(m, DataLoader(data, batch_size=4))
+    assert sorted(m.times) == [0, 1]
+    for step, micro_batches in m.times.items():
+        assert len(micro_batches) == 2
+        strata = sorted((torch.cat(micro_batches) * 8).floor().long().tolist())  # MD4: t = u
+        assert strata == list(range(8)), step
+
+
+def test_no_training_draw_repeats_another_at_any_step():
+    """An example never gets the same uniform as a time and as a mask, or at two steps or draws.
+
+    The old streams (time 3 + step, masks 2**16 + 2 step + draw) met at step 65533.
+    """
+    m = MD4(5, 6, network=TINY, antithetic=False)
+    m._trainer = FakeTrainer()
+    batch = {"x0": torch.zeros(4, 6, dtype=torch.long), "index": torch.arange(4)}
+    first_uniforms = []  # one [4] row per (purpose, step, draw)
+    for step in (0, 1, 2, 65533, 65534, 65535, 1 << 20):
+        m._trainer.global_step = step
+        for draw in (0, 1):
+            t, noise = m.train_noise(batch, draw)
+            first_uniforms.append(noise[:, 0])
+        first_uniforms.append(t)  # MD4: t = u
+    per_example = torch.stack(first_uniforms, 1)  # [4, draws]
+    for row in per_example:
+        assert len(set(row.tolist())) == len(row)
 
 
 def test_evaluation_noise_depends_only_on_the_example():

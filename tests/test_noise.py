@@ -1,6 +1,12 @@
+import itertools
+
+import pytest
 import torch
 
-from lightning_md4.diffusion.noise import _hash32, keyed_times, keyed_uniform, stratified_times
+from lightning_md4.diffusion.noise import (Stream, _hash32, keyed_times, keyed_uniform, stratified_times, stream_id,
+                                           stream_key)
+
+TRAINING = (Stream.TRAIN_TIME_OFFSET, Stream.TRAIN_TIME, Stream.TRAIN_MASK)
 
 
 def _hash32_py(x: int) -> int:
@@ -46,3 +52,33 @@ def test_keyed_times_low_discrepancy():
     t = keyed_times(3, torch.arange(1000))
     counts = torch.histc(t.float(), bins=10, min=0, max=1)
     assert (counts - 100).abs().max() <= 2
+
+
+def test_stream_ids_never_meet():
+    """Every (purpose, step, draw) a run can reach has its own stream, and so its own key."""
+    steps = [*range(70_000), *range((1 << 24) - 1000, 1 << 24)]  # past the old meeting point 65533, to the last step
+    ids = [stream_id(p, step, draw) for p, step, draw in itertools.product(TRAINING, steps, range(8))]
+    ids += [stream_id(Stream.EVAL_MASK, draw=k) for k in [*range(5000), (1 << 31) - 1]]
+    ids += [stream_id(Stream.EXACT_TEST, step=t) for t in [*range(1, 5000), (1 << 30) - 1]]
+    ids.append(stream_id(Stream.EVAL_TIME))
+    streams = torch.tensor(ids)
+    assert streams.unique().numel() == len(ids)
+    assert 0 <= streams.min() and streams.max() < 1 << 32  # keyed_uniform keys streams mod 2**32
+    for seed in (0, 1, 12345):
+        assert stream_key(seed, streams).unique().numel() == len(ids)
+
+
+def test_evaluation_streams_keep_their_numbers():
+    """Validation NELBOs stay comparable with runs made before the streams were named."""
+    assert [stream_id(Stream.EVAL_MASK, draw=k) for k in (0, 1, 7)] == [0, (1 << 31) + 1, (1 << 31) + 7]
+    assert stream_id(Stream.EVAL_TIME) == 1 and stream_id(Stream.EXACT_TEST, step=3) == (1 << 30) + 3
+
+
+@pytest.mark.parametrize("purpose, step, draw", [
+    (Stream.TRAIN_MASK, 1 << 24, 0), (Stream.TRAIN_TIME, -1, 0), (Stream.TRAIN_MASK, 0, 8),
+    (Stream.EVAL_MASK, 1, 0), (Stream.EVAL_MASK, 0, 1 << 31), (Stream.EVAL_TIME, 0, 1),
+    (Stream.EXACT_TEST, 0, 0), (Stream.EXACT_TEST, 1 << 30, 0)])
+def test_stream_id_refuses_what_its_fields_cannot_hold(purpose, step, draw):
+    with pytest.raises(ValueError, match=purpose.name):
+        stream_id(purpose, step, draw)
+

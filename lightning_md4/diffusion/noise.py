@@ -7,11 +7,16 @@ devices repeat a stratum.
 Evaluation uses noise keyed by the example's index in the data set: the time and the mask of
 example ``i`` are a pure function of ``(seed, i)``. A validation NELBO is then the same number on
 one device or eight, at any batch size, which is what makes runs comparable in a sweep.
+
+Each use of the keyed noise draws from its own stream, ``stream_id(purpose, step, draw)``: no two
+uses share a stream, so no example ever gets the same uniforms for two purposes (a time and a mask,
+two steps, two draws).
 """
 
 from __future__ import annotations
 
 import math
+from enum import IntEnum
 
 import torch
 from torch import Tensor
@@ -73,13 +78,71 @@ def _hash32(x: Tensor) -> Tensor:
     return x
 
 
+class Stream(IntEnum):
+    """What a keyed draw is for."""
+
+    EVAL_MASK = 0  # the masks of evaluation draw k
+    EVAL_TIME = 1  # the offset of the evaluation times (``keyed_times``)
+    EXACT_TEST = 2  # D3PM's exact test, forward draw of step t (passed as ``step``)
+    TRAIN_TIME_OFFSET = 3  # the offset u shared by one optimiser step's antithetic times
+    TRAIN_TIME = 4  # one time per example, without antithetic sampling
+    TRAIN_MASK = 5  # the masks of training draw k
+
+
+# Training stream: 2 + (step << 5 | draw << 2 | purpose - TRAIN_TIME_OFFSET), in [2, 2 + 2**29):
+# clear of the evaluation streams 0 and 1 and below the exact test's.
+_TRAIN_PURPOSE_BITS, _TRAIN_DRAW_BITS, _TRAIN_STEP_BITS = 2, 3, 24
+_TRAIN_FIRST = 2
+EXACT_TEST_STREAM = 1 << 30  # + step t >= 1: (2**30, 2**31)
+EVAL_DRAW_STREAM = 1 << 31  # + draw k >= 1: (2**31, 2**32); draw 0 is stream 0
+
+
+def _check_range(name: str, value: int, low: int, high: int, purpose: Stream) -> None:
+    if not low <= value < high:
+        raise ValueError(f"{purpose.name} noise: {name} {value} is outside [{low}, {high}), the range its "
+                         "stream ids hold without meeting another stream")
+
+
+def stream_id(purpose: Stream, step: int = 0, draw: int = 0) -> int:
+    """The ``stream`` of ``keyed_uniform`` for draw ``draw`` of ``purpose`` at optimiser step ``step``.
+
+    Injective on every (purpose, step, draw) it accepts and in [0, 2**32), where ``keyed_uniform``
+    keys streams one to one; arguments outside a purpose's field raise. The evaluation streams keep
+    the numbers they always had (masks: 0, then 2**31 + k; times: 1; D3PM's exact test: 2**30 + t),
+    so validation numbers stay comparable; training packs (step < 2**24, draw < 8, purpose) into
+    disjoint bit fields from 2 up.
+    """
+    purpose = Stream(purpose)
+    if purpose >= Stream.TRAIN_TIME_OFFSET:
+        _check_range("step", step, 0, 1 << _TRAIN_STEP_BITS, purpose)
+        _check_range("draw", draw, 0, 1 << _TRAIN_DRAW_BITS, purpose)
+        code = purpose - Stream.TRAIN_TIME_OFFSET
+        return _TRAIN_FIRST + ((step << _TRAIN_DRAW_BITS | draw) << _TRAIN_PURPOSE_BITS | code)
+    if purpose == Stream.EXACT_TEST:
+        _check_range("step", step, 1, EVAL_DRAW_STREAM - EXACT_TEST_STREAM, purpose)
+        _check_range("draw", draw, 0, 1, purpose)
+        return EXACT_TEST_STREAM + step
+    _check_range("step", step, 0, 1, purpose)  # evaluation noise does not change with training
+    if purpose == Stream.EVAL_TIME:
+        _check_range("draw", draw, 0, 1, purpose)
+        return 1
+    _check_range("draw", draw, 0, EVAL_DRAW_STREAM, purpose)
+    return 0 if draw == 0 else EVAL_DRAW_STREAM + draw
+
+
+def stream_key(seed: int, stream: Tensor) -> Tensor:
+    """The 32-bit keys of ``(seed, stream)``, int64 like ``stream``: one to one in ``stream`` mod
+    2**32 for a fixed seed, since ``_hash32`` is a bijection of the 32-bit integers."""
+    return _hash32(torch.full_like(stream, seed) * 0x9E3779B1 + stream)
+
+
 def keyed_uniform(seed: int, index: Tensor, size: int, stream: int = 0) -> Tensor:
     """Uniforms in [0, 1), float64 ``[batch, size]``, a pure function of (seed, stream, index, position).
 
-    ``index``: LongTensor ``[batch]`` of example indices in the data set.
+    ``index``: LongTensor ``[batch]`` of example indices in the data set; ``stream``: see ``stream_id``.
     """
     pos = torch.arange(size, device=index.device, dtype=torch.int64)
-    key = _hash32(torch.full_like(index, seed) * 0x9E3779B1 + stream)
+    key = stream_key(seed, torch.full_like(index, stream))
     h = _hash32(_hash32(index[:, None] ^ key[:, None]) + pos[None, :] * 0x85EBCA6B)
     h2 = _hash32(h + 0x68E31DA4)
     # 53 random bits: 32 from h and 21 from h2.
@@ -92,5 +155,6 @@ def keyed_times(seed: int, index: Tensor) -> Tensor:
     ``t_i = (u + i * (sqrt(5) - 1) / 2) mod 1`` is low-discrepancy over the whole data set
     (stratified like the antithetic draw) whatever the batch size or number of devices.
     """
-    u = keyed_uniform(seed, torch.zeros(1, dtype=torch.int64, device=index.device), 1, stream=1)[0, 0]
+    zero = torch.zeros(1, dtype=torch.int64, device=index.device)
+    u = keyed_uniform(seed, zero, 1, stream=stream_id(Stream.EVAL_TIME))[0, 0]
     return torch.remainder(u + index.double() * _GOLDEN, 1.0)

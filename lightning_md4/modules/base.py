@@ -16,15 +16,11 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from tqdm.auto import tqdm
 
-from lightning_md4.diffusion.noise import keyed_times, keyed_uniform, stratified_times
+from lightning_md4.diffusion.noise import EVAL_DRAW_STREAM  # noqa: F401  (where tests rebuild the evaluation noise)
+from lightning_md4.diffusion.noise import Stream, keyed_times, keyed_uniform, stratified_times, stream_id
 from lightning_md4.conditioning import ClassConditioned
 from lightning_md4.nets import NetworkConfig, TransformerConfig, build_network, network_config
 from lightning_md4.sampling import Denoiser
-
-# Streams of the keyed noise (lightning_md4.diffusion.noise): each use gets its own.
-EVAL_MASK_STREAM, TRAIN_TIME_STREAM = 0, 2
-TRAIN_MASK_STREAM = 1 << 16  # + global step
-EVAL_DRAW_STREAM = 1 << 31  # + draw k >= 1 of the averaged evaluation (draw 0 uses EVAL_MASK_STREAM)
 
 
 class CheckpointError(ValueError):
@@ -40,6 +36,17 @@ class OptimConfig:
     weight_decay: float = 0.03
     warmup_steps: int = 2000
     min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Checked where declared, so a bad value stops the command before any run folder is touched.
+        checks = {"lr": self.lr > 0, "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                  "weight_decay": self.weight_decay >= 0, "warmup_steps": self.warmup_steps >= 0,
+                  "min_lr_ratio": 0 <= self.min_lr_ratio <= 1}
+        rules = {"lr": "> 0", "betas": "two values in [0, 1)", "weight_decay": ">= 0", "warmup_steps": ">= 0",
+                 "min_lr_ratio": "in [0, 1]"}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"optim.{name} is {getattr(self, name)!r}; it must be {rules[name]}")
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -95,23 +102,30 @@ class DiffusionModule(pl.LightningModule):
         return ClassConditioned(self.net, batch["y"])
 
     # -- noise -----------------------------------------------------------------------------
+    # Position of the current micro-batch within its optimiser step, set by ``training_step``.
+    micro_index: int = 0
+
     def train_noise(self, batch: dict[str, Tensor], draw: int = 0) -> tuple[Tensor, Tensor]:
         """Times ``[B]`` stratified over the global batch and mask uniforms ``[B, N]`` for one step.
 
-        ``draw`` picks independent masks for methods that noise each sequence more than once;
-        the times are the same for every draw.
+        The global batch of an optimiser step is accumulate x world x B sequences; this micro-batch
+        takes strata ``(micro_index * world + rank) * B`` onwards. ``draw`` picks independent
+        masks for methods that noise each sequence more than once; the times are the same for
+        every draw.
         """
         x0, index = batch["x0"], batch["index"]
         B, N = x0.shape
-        if self.hparams.antithetic:  # the same offset on every rank, each rank its own strata
-            # torch.full fills on the device; torch.tensor would copy from the host and sync the stream.
-            step = torch.full((1,), self.global_step, dtype=torch.int64, device=x0.device)
-            u = keyed_uniform(self.hparams.seed, step, 1, stream=TRAIN_TIME_STREAM)[0, 0]
-            world, rank = self.trainer.world_size, self.trainer.global_rank
-            u = stratified_times(u, B, offset=rank * B, total=world * B)
+        seed, step = self.hparams.seed, self.global_step
+        if self.hparams.antithetic:  # one offset per optimiser step, each micro-batch its own strata
+            # torch.zeros fills on the device; torch.tensor would copy from the host and sync the stream.
+            zero = torch.zeros(1, dtype=torch.int64, device=x0.device)
+            u = keyed_uniform(seed, zero, 1, stream=stream_id(Stream.TRAIN_TIME_OFFSET, step))[0, 0]
+            world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
+            offset = (self.micro_index * world + self.trainer.global_rank) * B
+            u = stratified_times(u, B, offset=offset, total=accumulate * world * B)
         else:
-            u = keyed_uniform(self.hparams.seed, index, 1, stream=TRAIN_TIME_STREAM + 1 + self.global_step)[:, 0]
-        noise = keyed_uniform(self.hparams.seed, index, N, stream=TRAIN_MASK_STREAM + 2 * self.global_step + draw)
+            u = keyed_uniform(seed, index, 1, stream=stream_id(Stream.TRAIN_TIME, step))[:, 0]
+        noise = keyed_uniform(seed, index, N, stream=stream_id(Stream.TRAIN_MASK, step, draw))
         return self.process.time_from_uniform(u), noise
 
     def eval_noise(self, batch: dict[str, Tensor], draw: int = 0) -> tuple[Tensor, Tensor]:
@@ -123,7 +137,7 @@ class DiffusionModule(pl.LightningModule):
         index = batch["index"]
         seed = self.hparams.eval_seed
         u = torch.remainder(keyed_times(seed, index) + draw / self.eval_draws, 1.0)
-        stream = EVAL_MASK_STREAM if draw == 0 else EVAL_DRAW_STREAM + draw
+        stream = stream_id(Stream.EVAL_MASK, draw=draw)
         return self.process.time_from_uniform(u), keyed_uniform(seed, index, batch["x0"].shape[1], stream=stream)
 
     # Evaluation protocol: a property of a test run, not of the model, so it is set by
@@ -169,6 +183,9 @@ class DiffusionModule(pl.LightningModule):
         return total / self.eval_draws
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        # Lightning steps the optimiser after every accumulate-th batch of an epoch (and after the
+        # epoch's last), counting from the epoch's first batch as batch_idx does.
+        self.micro_index = batch_idx % self.trainer.accumulate_grad_batches
         objective, nelbo = self.train_objective(batch)
         # A host sync, so only at logging steps: enough to stop a diverged run before it is checkpointed.
         if self.global_step % self.trainer.log_every_n_steps == 0 and not torch.isfinite(objective).all():
