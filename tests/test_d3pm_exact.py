@@ -216,8 +216,9 @@ def test_nelbo_and_nelbo_exact_are_unbiased(kind, T):
 
 
 def test_loss_is_T_times_the_term_plus_lambda_cross_entropy():
-    """``loss`` with lambda = 0 is ``nelbo`` at the same step and noise; the hybrid part is lambda
-    times the x0 cross-entropy over all positions (D3PM's hybrid loss)."""
+    """``loss`` with lambda = 0 is ``nelbo`` at the same step and noise; the hybrid part is
+    ``T lambda`` times the x0 cross-entropy over all positions (Austin's per-step ``kl_t + lambda
+    ce_t``, scaled by T)."""
     T, B = 50, 64
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(B, N, V + 1, dtype=torch.float64, generator=g)
@@ -233,9 +234,66 @@ def test_loss_is_T_times_the_term_plus_lambda_cross_entropy():
     torch.testing.assert_close(base, plain.nelbo(net, x0, t=t_cont, noise=noise))
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, V + 1), x0.reshape(-1), reduction="none")
     objective, nelbo = hybrid.loss(net, x0, t=t_cont, noise=noise)
-    torch.testing.assert_close(objective, base + 0.01 * ce.view(B, N).sum(-1))
+    torch.testing.assert_close(objective, base + T * 0.01 * ce.view(B, N).sum(-1))
     torch.testing.assert_close(nelbo, base)
     assert (base >= -1e-9).all()
+
+
+def brute_terms(kind: str, T: int, logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor,
+                t_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kl_t, ce_t)`` summed over positions, ``[B]``, from explicit matrices in probability space.
+
+    ``p(x_{t-1} = j | x_t = k) propto (p~ Qbar_{t-1})[j] Q_t[j, k]`` and q the same with p~ the
+    one-hot of x0; ``ce_t = -log p~(x0 | x_t)``. Differentiable in ``logits [B, N, C]``.
+    """
+    _, Q, Qbar = brute_matrices(kind, T)
+    K = Q.shape[-1]
+    p0 = torch.softmax(logits, -1)
+    if p0.shape[-1] < K:  # V logits: the mask has probability 0
+        p0 = torch.cat([p0, torch.zeros_like(p0[..., :1])], -1)
+    Qbar_s = Qbar[t_index - 1][:, None]  # [B, 1, K, K]
+    column = Q[t_index[:, None], :, xt]  # Q_t[j, x_t]: [B, N, K]
+
+    def reverse(p: torch.Tensor) -> torch.Tensor:
+        unnorm = (p[..., None, :] @ Qbar_s)[..., 0, :] * column
+        return unnorm / unnorm.sum(-1, keepdim=True)
+
+    p = reverse(p0)
+    q = reverse(torch.nn.functional.one_hot(x0, K).double())
+    live = q > 0  # q > 0 implies p > 0; elsewhere log p may be log 0, kept out of the graph
+    log_ratio = q.log().where(live, 0.0) - p.where(live, 1.0).log()
+    kl = (q * log_ratio).where(live, 0.0).sum((-1, -2))
+    ce = -torch.log_softmax(logits, -1).gather(-1, x0[..., None])[..., 0].sum(-1)
+    return kl, ce
+
+
+@pytest.mark.parametrize("kind,C", [("absorb", V), ("absorb", V + 1), ("uniform", V)])
+def test_hybrid_loss_gradient_weighs_cross_entropy_lambda_T(kind, C):
+    """Austin et al.'s training weighting: the gradient of the objective w.r.t. the network logits
+    is ``T grad kl_t + T lambda grad ce_t`` (the per-step ``kl_t + lambda ce_t`` times T), with
+    both terms written out here from explicit transition matrices in float64."""
+    T, B, lam = 20, 64, 0.01
+    g = torch.Generator().manual_seed(1)
+    x0 = CONFIGS[torch.randint(0, len(CONFIGS), (B,), generator=g)]
+    t_index = torch.randint(1, T + 1, (B,), generator=g)
+    t_index[:4] = torch.tensor([1, 2, T - 1, T])
+    noise = torch.rand(B, N, dtype=torch.float64, generator=g)
+    leaf = torch.randn(B, N, C, dtype=torch.float64, generator=g, requires_grad=True)
+    seen = []
+
+    def net(xt, t):
+        seen.append(xt)
+        return leaf
+
+    process = DiscreteDiffusion(V, T=T, kind=kind, hybrid_lambda=lam, dtype=torch.float64)
+    objective, nelbo = process.loss(net, x0, t=(t_index.double() - 0.5) / T, noise=noise)
+    (grad,) = torch.autograd.grad(objective.sum(), leaf)
+    kl, ce = brute_terms(kind, T, leaf, x0, seen[0], t_index)
+    grad_kl, = torch.autograd.grad(kl.sum(), leaf, retain_graph=True)
+    grad_ce, = torch.autograd.grad(ce.sum(), leaf)
+    torch.testing.assert_close(objective, T * (kl + lam * ce), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nelbo, T * kl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, T * grad_kl + T * lam * grad_ce, rtol=1e-10, atol=1e-12)
 
 
 # -- 3. posteriors against brute-force Bayes rule with explicit matrices ------------------------------
@@ -331,13 +389,24 @@ def test_conditioning_keeps_tokens_and_samples_the_conditional(kind):
 CASES = [("absorb", 50), ("absorb", 51), ("uniform", 50)]  # (kind, logit columns) with V = 50
 
 
-def _loss(kind, logits, t, log_eps=None, T=1000):
+def _losses(kind, logits, t, log_eps=None, T=1000):
+    """``(objective, nelbo)`` at step t for a fixed batch [8, 16] over V = 50 tokens."""
     Vb, Nb, B = 50, 16, 8
     x0 = torch.randint(0, Vb, (B, Nb), generator=torch.Generator().manual_seed(1))
     noise = torch.rand(B, Nb, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
     process = DiscreteDiffusion(Vb, T=T, kind=kind, log_eps=log_eps)
     t_cont = torch.full((B,), (t - 0.5) / T, dtype=torch.float64)
-    return process.loss(lambda xt, tt: logits, x0, t=t_cont, noise=noise)[0]
+    return process.loss(lambda xt, tt: logits, x0, t=t_cont, noise=noise)
+
+
+def _loss(kind, logits, t, log_eps=None, T=1000):
+    return _losses(kind, logits, t, log_eps, T)[0]
+
+
+def _nelbo(kind, logits, t, log_eps=None, T=1000):
+    """The bound's estimate alone: the transition math, without the hybrid cross-entropy (which
+    weighs T lambda = 10 and is a plain log-softmax in every formulation)."""
+    return _losses(kind, logits, t, log_eps, T)[1]
 
 
 @pytest.mark.parametrize("kind,C", CASES)
@@ -378,14 +447,15 @@ def test_minus_inf_mask_logit_has_finite_gradients():
 
 @pytest.mark.parametrize("kind,C", CASES)
 def test_reference_log_eps_formulation_breaks(kind, C):
-    """The reference code's ``log(probs + 1e-20)``, computed in the network output's dtype.
+    """The reference code's ``log(probs + 1e-20)``, computed in the network output's dtype, on the
+    bound's estimate (``nelbo``).
 
     What actually happens (checked, T = 1000, V = 50, N = 16):
-    * float16 output: 1e-20 rounds to 0, ``log 0`` meets ``0 *`` and the loss is NaN at t = 1, for
+    * float16 output: 1e-20 rounds to 0, ``log 0`` meets ``0 *`` and the bound is NaN at t = 1, for
       every kind (the log-space path on the same float16 logits is finite);
     * confident predictions (logits x 30), in float32 and even in float64 (the formulation, not the
-      precision): at t = 1 the absorbing loss gains ~9000 nats of spurious KL (eps leaks mass
-      into impossible x_{t-1} at unmasked positions, where the true term is 0), and the uniform loss
+      precision): at t = 1 the absorbing bound gains ~9000 nats of spurious KL (eps leaks mass
+      into impossible x_{t-1} at unmasked positions, where the true term is 0), and the uniform bound
       loses ~40% (log-probabilities are capped near log eps = -46);
     * bf16 output, uniform kernel: 1 - beta_t and the 1/V mixtures round, errors above 10% at t = 1
       and t = T;
@@ -394,19 +464,19 @@ def test_reference_log_eps_formulation_breaks(kind, C):
     """
     T = 1000
     base = torch.randn(8, 16, C, generator=torch.Generator().manual_seed(C))
-    assert not torch.isfinite(_loss(kind, base.half(), 1, log_eps=1e-20)).all()
-    assert torch.isfinite(_loss(kind, base.half(), 1)).all()
-    ref = _loss(kind, 30 * base.double(), 1)
+    assert not torch.isfinite(_nelbo(kind, base.half(), 1, log_eps=1e-20)).all()
+    assert torch.isfinite(_nelbo(kind, base.half(), 1)).all()
+    ref = _nelbo(kind, 30 * base.double(), 1)
     for dtype in (torch.float32, torch.float64):
-        eps = _loss(kind, (30 * base).to(dtype), 1, log_eps=1e-20).double()
+        eps = _nelbo(kind, (30 * base).to(dtype), 1, log_eps=1e-20).double()
         assert torch.isfinite(eps).all() and (eps - ref).abs().max() > 0.3 * ref.abs().max(), (eps, ref)
     for t in (1, 2, T - 1, T):
-        ref = _loss(kind, base.double(), t)
-        ok = _loss(kind, base, t, log_eps=1e-20).double()
+        ref = _nelbo(kind, base.double(), t)
+        ok = _nelbo(kind, base, t, log_eps=1e-20).double()
         assert ((ok - ref).abs() <= 1e-4 * ref.abs() + 1e-6 * T * 16).all(), t
     if kind == "uniform":
         for t in (1, T):
             rounded = base.bfloat16()
-            ref = _loss(kind, rounded.double(), t)
-            bad = _loss(kind, rounded, t, log_eps=1e-20).double()
+            ref = _nelbo(kind, rounded.double(), t)
+            bad = _nelbo(kind, rounded, t, log_eps=1e-20).double()
             assert ((bad - ref).abs() / ref.abs().clamp_min(1.0)).max() > 0.1, t

@@ -16,8 +16,11 @@ class D3PM(DiffusionModule):
     """D3PM (Austin et al. 2021) with the x0-parameterisation and the hybrid loss.
 
     The network outputs logits over the V real tokens, so p~ gives the mask zero probability
-    (MD4's choice); training uses one step per example and the hybrid loss
-    ``T kl_t + hybrid_lambda * CE``, validation reports the L_vb estimate without the CE term.
+    (MD4's choice); training uses one step t per example and the hybrid loss
+    ``T (kl_t + hybrid_lambda * CE_t)``: Austin et al.'s per-step loss ``kl_t + lambda CE_t`` (kl_t
+    is one of the T terms of L_vb), under which their published numbers were trained, scaled by T
+    so that its bound part is the L_vb estimate (``DiscreteDiffusion.loss``). Training and
+    validation report that L_vb estimate, without the CE term.
 
     Args:
         T: number of diffusion steps (paper: 1000 for text8).
