@@ -107,6 +107,39 @@ def test_digits_split_is_deterministic():
     assert a.val_set[5]["index"] == 5 and torch.equal(a.val_set[5]["x0"], a.val_set.rows[5])
 
 
+def test_digits_yield_sklearns_labels():
+    """Every item's ``y`` is scikit-learn's target of the same image, in every split."""
+    digits = load_digits()
+    label_of = {}
+    for pixels, target in zip(digits.data.astype(np.int64).tolist(), digits.target.tolist()):
+        label_of.setdefault(tuple(pixels), set()).add(target)
+    dm = DigitsDataModule(split_seed=0, batch_size=64)
+    dm.setup()
+    assert dm.num_classes == 10
+    seen = []
+    for split in (dm.train_set, dm.val_set, dm.test_set):
+        for i in range(len(split)):
+            item = split[i]
+            assert item["y"] in label_of[tuple(item["x0"].tolist())]
+            seen.append(item["y"])
+    assert sorted(seen) == sorted(digits.target.tolist())  # each image once, labels 0..9 in sklearn's counts
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["y"].shape == (64,) and batch["y"].dtype == torch.long
+    for x0, y in zip(batch["x0"].tolist(), batch["y"].tolist()):
+        assert y in label_of[tuple(x0)]
+
+
+def test_digits_eval_null_label_keeps_training_labels():
+    true, null = DigitsDataModule(split_seed=0), DigitsDataModule(split_seed=0, eval_null_label=True)
+    for dm in (true, null):
+        dm.setup()
+    assert torch.equal(null.train_set.labels, true.train_set.labels)
+    for split in ("val_set", "test_set"):
+        assert torch.equal(getattr(null, split).rows, getattr(true, split).rows)
+        assert (getattr(null, split).labels == 10).all() and getattr(true, split).labels.max() == 9
+    assert null.test_set[3]["y"] == 10
+
+
 def test_digits_to_images_shows_masks_grey():
     dm = DigitsDataModule()
     tokens = torch.zeros(2, 64, dtype=torch.long)
