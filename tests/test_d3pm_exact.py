@@ -296,6 +296,59 @@ def test_hybrid_loss_gradient_weighs_cross_entropy_lambda_T(kind, C):
     torch.testing.assert_close(grad, T * grad_kl + T * lam * grad_ce, rtol=1e-10, atol=1e-12)
 
 
+def test_exact_test_is_keyed_by_example_index():
+    """``md4 test --exact_test``: each sequence's T-step bound is a function of its index in the data
+    set, not of its batch: the same numbers at batch sizes 1, 2 and 4 and in another order (the
+    old per-batch generator gave other draws to the same sequence)."""
+    from lightning_md4.modules import D3PM
+    from lightning_md4.nets import TransformerConfig
+
+    Vm, Nm, B = 17, 8, 8
+    torch.manual_seed(0)
+    m = D3PM(Vm, Nm, T=6, kind="uniform", exact_test=True, eval_seed=3,
+             network=TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16))
+    for p in m.net.parameters():  # away from adaLN-Zero's uniform start, so the draws matter
+        torch.nn.init.normal_(p, std=0.3)
+    m.eval()
+    x0 = torch.randint(0, Vm, (B, Nm), generator=torch.Generator().manual_seed(0))
+    index = torch.arange(100, 100 + B)
+
+    def test_nats(order: torch.Tensor, batch_size: int) -> float:
+        metric = m.metrics["test"]
+        metric.reset()
+        for k, rows in enumerate(order.split(batch_size)):
+            m.test_step({"x0": x0[rows], "index": index[rows]}, k)
+        return metric.compute().item()
+
+    natural, shuffled = torch.arange(B), torch.randperm(B, generator=torch.Generator().manual_seed(1))
+    ref = test_nats(natural, 4)
+    for order, size in ((natural, 2), (shuffled, 4), (shuffled, 2), (natural, 1)):
+        assert test_nats(order, size) == pytest.approx(ref, rel=1e-6), (order, size)
+    # Per sequence: the same value in any batch and chunking of the steps.
+    alone = torch.cat([m.process.nelbo_exact(m.net, x0[[b]], step_noise=m.exact_test_noise(index[[b]], Nm))
+                       for b in range(B)])
+    together = m.process.nelbo_exact(m.net, x0, batch_T=4, step_noise=m.exact_test_noise(index, Nm))
+    torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-6)
+    assert together.std() > 0.1  # the sequences differ, so a mix-up of rows would show
+
+
+def test_nelbo_exact_with_keyed_noise_is_unbiased():
+    """Keyed uniforms (one stream per step) are valid forward draws: the mean over examples of
+    ``nelbo_exact`` is the exact L_vb."""
+    from lightning_md4.diffusion.noise import keyed_uniform
+
+    process = DiscreteDiffusion(V, T=10, kind="uniform", dtype=torch.float64)
+    oracle, x0 = oracle_for("uniform"), CONFIGS[13]
+    index = torch.arange(2000)
+    full = process.nelbo_exact(oracle, x0.expand(len(index), N), batch_T=10,
+                               step_noise=lambda t: keyed_uniform(5, index, N, stream=t))
+    exact = exact_lvb(process, oracle, x0)
+    assert abs(full.mean().item() - exact) < 4 * full.std().item() / math.sqrt(len(full)) + 1e-9
+    with pytest.raises(ValueError, match="not both"):
+        process.nelbo_exact(oracle, x0[None], step_noise=lambda t: keyed_uniform(5, index[:1], N, stream=t),
+                            generator=torch.Generator())
+
+
 # -- 3. posteriors against brute-force Bayes rule with explicit matrices ------------------------------
 @pytest.mark.parametrize("kind,schedule", [("absorb", "linear"), ("uniform", "linear"),
                                            ("absorb", "cosine"), ("uniform", "cosine")])

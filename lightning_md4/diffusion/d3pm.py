@@ -56,6 +56,7 @@ reports; it is not for training.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,7 @@ from lightning_md4.sampling import (
 )
 
 KINDS = ("absorb", "uniform")
+StepNoise = Callable[[int], Tensor]  # step t in 1..T -> uniforms [B, N] for the forward draw at t
 SCHEDULES = ("linear", "cosine")
 
 
@@ -362,14 +364,19 @@ class DiscreteDiffusion(TimeRange):
 
     @torch.no_grad()
     def nelbo_exact(self, denoiser: Denoiser, x0: Tensor, batch_T: int = 1, generator: torch.Generator | None = None,
-                    progress: bool = False) -> Tensor:
+                    progress: bool = False, step_noise: StepNoise | None = None) -> Tensor:
         """L_vb summed over all T steps (D3PM's evaluation), float64 nats per sequence ``[B]``.
 
         Every step is evaluated (one forward draw of x_t per step and sequence), ``batch_T`` steps per
         network call (``batch_T * B`` rows); ``progress`` shows a tqdm bar. No gradients.
+        The forward draws are the only randomness: ``step_noise(t)`` gives the uniforms ``[B, N]`` of
+        step t (e.g. keyed by each example's index, so that a sequence's value does not depend on
+        its batch), otherwise they come from ``generator``.
         """
         if batch_T < 1:
             raise ValueError(f"batch_T must be >= 1, got {batch_T}")
+        if step_noise is not None and generator is not None:
+            raise ValueError("pass step_noise or generator, not both")
         B = x0.shape[0]
         total = self.prior_kl(x0)
         starts = range(1, self.T + 1, batch_T)
@@ -378,12 +385,13 @@ class DiscreteDiffusion(TimeRange):
 
             starts = tqdm(starts, desc="nelbo_exact", unit="chunk")
         for start in starts:
-            ts = torch.arange(start, min(start + batch_T, self.T + 1), device=x0.device)
-            t = ts.repeat_interleave(B)
-            xb = x0.repeat(len(ts), 1)
-            xt, _ = self.forward_sample(xb, t, generator=generator)
+            steps = range(start, min(start + batch_T, self.T + 1))
+            t = torch.arange(steps.start, steps.stop, device=x0.device).repeat_interleave(B)
+            xb = x0.repeat(len(steps), 1)
+            noise = None if step_noise is None else torch.cat([step_noise(i) for i in steps])
+            xt, _ = self.forward_sample(xb, t, noise, generator)
             kl, _ = self.terms(denoiser(xt, self._t_input(t)), xb, xt, t)
-            total = total + kl.double().view(len(ts), B).sum(0)
+            total = total + kl.double().view(len(steps), B).sum(0)
         return total
 
     # -- sampling --------------------------------------------------------------------------

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
-from lightning_md4.diffusion.d3pm import DiscreteDiffusion
+from lightning_md4.diffusion.d3pm import DiscreteDiffusion, StepNoise
+from lightning_md4.diffusion.noise import keyed_uniform
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
 from lightning_md4.nets import NetworkConfig
+
+# Keyed-noise streams of the exact test: this + step t (1..T), above the training streams and below
+# the evaluation draws' 2**31 + k, so its draws are independent of every other use.
+EXACT_TEST_STREAM = 1 << 30
 
 
 class D3PM(DiffusionModule):
@@ -29,7 +33,9 @@ class D3PM(DiffusionModule):
         log_eps: None (stable log-space math) or the reference code's epsilon (1e-6 images, 1e-20
             text), to reproduce its instability.
         exact_test: ``md4 test`` sums all T terms of the bound (D3PM's evaluation; T network passes
-            per batch) instead of the one-draw estimate that validation uses.
+            per batch) instead of the one-draw estimate that validation uses. Its forward draws
+            are keyed by ``(eval_seed, example index, step)``: a sequence's number does not depend
+            on the batch size, the batch order or the number of devices.
         (the rest: see ``DiffusionModule``)
     """
 
@@ -49,12 +55,21 @@ class D3PM(DiffusionModule):
         objective, nelbo = self.process.loss(self.denoiser(batch), batch["x0"], t=t, noise=noise)
         return objective, nelbo.detach()
 
+    def exact_test_noise(self, index: Tensor, seq_len: int) -> StepNoise:
+        """The forward-draw uniforms ``[B, N]`` of each step t, keyed by ``(eval_seed, index, t)``.
+
+        ``index``: LongTensor ``[B]`` of the examples' indices in the data set.
+        """
+        seed = self.hparams.eval_seed
+        return lambda t: keyed_uniform(seed, index, seq_len, stream=EXACT_TEST_STREAM + t)
+
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if not self.hparams.exact_test:
             return super().test_step(batch, batch_idx)
-        generator = torch.Generator(device=self.device).manual_seed(self.hparams.eval_seed + batch_idx)
-        nelbo = self.process.nelbo_exact(self.denoiser(batch), batch["x0"], batch_T=8, generator=generator)
-        self.metrics["test"].update(nelbo / batch["x0"].shape[1])
+        x0 = batch["x0"]
+        noise = self.exact_test_noise(batch["index"], x0.shape[1])
+        nelbo = self.process.nelbo_exact(self.denoiser(batch), x0, batch_T=8, step_noise=noise)
+        self.metrics["test"].update(nelbo / x0.shape[1])
 
     def sample_kwargs(self, grid: str) -> dict[str, Any]:
         return {}  # D3PM steps through its own integer time grid
