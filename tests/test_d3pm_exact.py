@@ -349,6 +349,28 @@ def test_nelbo_exact_with_keyed_noise_is_unbiased():
                             generator=torch.Generator())
 
 
+@pytest.mark.parametrize("kind", ["absorb", "uniform"])
+def test_time_conditioning_flag_matches_the_posterior(kind):
+    """``D3PM.posterior_depends_on_time`` (the base turns the network's time input on when True) is
+    whether q(x0 | x_t), by brute-force Bayes over the 27 sequences, changes with t at a fixed
+    x_t: for the absorbing kernel the factor of t is the same for every x0 consistent with x_t."""
+    from lightning_md4.modules import D3PM
+    from lightning_md4.nets import TransformerConfig
+
+    T = 6
+    _, _, Qbar = brute_matrices(kind, T)
+    K = Qbar.shape[-1]
+    states = torch.tensor(list(itertools.product(range(K), repeat=N)))
+
+    def posterior(t: int) -> torch.Tensor:  # [S, len(CONFIGS)]: q(x0 | x_t) for every x_t
+        joint = PROBS[None] * Qbar[t][CONFIGS[None], states[:, None]].prod(-1)
+        return joint / joint.sum(-1, keepdim=True)
+
+    depends = not torch.allclose(posterior(2), posterior(5), rtol=1e-9, atol=1e-12)
+    model = D3PM(V, N, T=T, kind=kind, network=TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16))
+    assert model.posterior_depends_on_time() == depends
+
+
 # -- 3. posteriors against brute-force Bayes rule with explicit matrices ------------------------------
 @pytest.mark.parametrize("kind,schedule", [("absorb", "linear"), ("uniform", "linear"),
                                            ("absorb", "cosine"), ("uniform", "cosine")])

@@ -55,6 +55,10 @@ class D3PM(DiffusionModule):
         objective, nelbo = self.process.loss(self.denoiser(batch), batch["x0"], t=t, noise=noise)
         return objective, nelbo.detach()
 
+    def posterior_depends_on_time(self) -> bool:
+        """Uniform kernel: q(x0 | x_t) depends on t (no token is known clean); absorbing: it does not."""
+        return self.hparams.kind == "uniform"
+
     def exact_test_noise(self, index: Tensor, seq_len: int) -> StepNoise:
         """The forward-draw uniforms ``[B, N]`` of each step t, keyed by ``(eval_seed, index, t)``.
 
