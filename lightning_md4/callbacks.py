@@ -15,21 +15,39 @@ from torchvision.utils import make_grid, save_image
 from lightning_md4.diffusion.variance import estimator_stats, nelbo_estimate
 
 
-def save_samples(tokens: Tensor, datamodule: Any, output: str | Path) -> Path:
-    """Write ``tokens`` [B, N] as a PNG grid (image data) or one sample per line (text data)."""
+def save_samples(tokens: Tensor, datamodule: Any, output: str | Path, num_classes: int = 0) -> Path:
+    """Write ``tokens`` [B, N] as a PNG grid (image data) or one sample per line (text data).
+
+    Samples of a class-conditional model (``num_classes > 0``, labels ``i % num_classes``) are laid
+    out one row per class, see :func:`class_rows`.
+    """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     images = datamodule.to_images(tokens.cpu())
     if images is not None:
         if output.suffix.lower() != ".png":
             output = output.with_suffix(".png")
-        save_image(upscale(images), output, nrow=int(math.ceil(math.sqrt(len(images)))), padding=2, pad_value=1.0)
+        images, nrow = class_rows(images, num_classes)
+        save_image(upscale(images), output, nrow=nrow, padding=2, pad_value=1.0)
         return output
     text = datamodule.decode(tokens.cpu())
     if text is None:
         text = [" ".join(map(str, row)) for row in tokens.tolist()]
     output.write_text("\n".join(text) + "\n", encoding="utf-8")
     return output
+
+
+def class_rows(images: Tensor, num_classes: int) -> tuple[Tensor, int]:
+    """``(images, nrow)`` for ``make_grid``: images ``[B, C, H, W]`` drawn with labels
+    ``i % num_classes`` (``DiffusionModule.sample``'s default) reordered so that grid row ``c``
+    holds class ``c``. A square grid, in drawing order, when ``num_classes`` is 0 or does not
+    divide ``B`` (rows of unequal length do not make a grid).
+    """
+    B = len(images)
+    if not num_classes or B % num_classes:
+        return images, int(math.ceil(math.sqrt(B)))
+    by_class = torch.argsort(torch.arange(B) % num_classes, stable=True)
+    return images[by_class], B // num_classes
 
 
 def upscale(images: Tensor, min_size: int = 64) -> Tensor:
@@ -43,7 +61,8 @@ class SampleLogger(pl.Callback):
 
     Sampling happens at the first validation batch, while ``EMAWeightAveraging`` has the averaged
     weights swapped in, so the samples show the model that evaluation scores. A class-conditional
-    model draws the classes in turn with classifier-free guidance of scale ``guidance``.
+    model draws the classes in turn with classifier-free guidance of scale ``guidance``, and the
+    image grid has one row per class when ``num_samples`` is a multiple of the classes.
     """
 
     def __init__(self, num_samples: int = 16, steps: int = 64, grid: str = "cosine", seed: int = 0,
@@ -63,8 +82,10 @@ class SampleLogger(pl.Callback):
         tokens, nfe = pl_module.sample(self.num_samples, self.steps, self.grid, generator=generator, **guidance)
         step = trainer.global_step
         images = trainer.datamodule.to_images(tokens.cpu())
-        grid = None if images is None else make_grid(upscale(images), nrow=int(math.ceil(math.sqrt(len(images)))),
-                                                     pad_value=1.0)
+        grid = None
+        if images is not None:
+            images, nrow = class_rows(images, pl_module.num_classes)
+            grid = make_grid(upscale(images), nrow=nrow, pad_value=1.0)
         text = trainer.datamodule.decode(tokens.cpu())
         for lg in loggers:
             if grid is not None:

@@ -140,6 +140,26 @@ def test_digits_eval_null_label_keeps_training_labels():
     assert null.test_set[3]["y"] == 10
 
 
+def test_class_conditional_digits_grid_has_one_row_per_class(tmp_path):
+    """Sample i drawn for class i % 10 is filled with level i % 10, so row r of the PNG must be level r."""
+    from PIL import Image
+
+    from lightning_md4.callbacks import save_samples
+
+    dm = DigitsDataModule()
+    labels = torch.arange(30) % 10
+    tokens = labels[:, None].expand(30, 64)
+    path = save_samples(tokens, dm, tmp_path / "grid.png", num_classes=10)
+    grid = np.asarray(Image.open(path).convert("L"))
+    cell = 2 + 64  # padding + an 8x8 digit upscaled 8 times
+    assert grid.shape == (2 + 10 * cell, 2 + 3 * cell)
+    for row in range(10):
+        for col in range(3):
+            assert grid[2 + row * cell + 32, 2 + col * cell + 32] == round(255 * row / 16)
+    square = np.asarray(Image.open(save_samples(tokens, dm, tmp_path / "plain.png")).convert("L"))
+    assert square.shape == (2 + 5 * cell, 2 + 6 * cell)  # unconditional: ceil(sqrt(30)) = 6 per row
+
+
 def test_digits_to_images_shows_masks_grey():
     dm = DigitsDataModule()
     tokens = torch.zeros(2, 64, dtype=torch.long)
