@@ -7,11 +7,12 @@ from ``process.nelbo``, overrides ``train_objective``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 from tqdm.auto import tqdm
@@ -77,6 +78,10 @@ class DiffusionModule(pl.LightningModule):
         self.save_hyperparameters()
         # Plain dicts in the checkpoint (checkpoints load with weights_only=True); dicts accepted back.
         net_cfg = network_config(network)
+        if self.posterior_depends_on_time() and not net_cfg.time_conditioning:
+            net_cfg = replace(net_cfg, time_conditioning=True)
+            rank_zero_info(f"{type(self).__name__}: its posterior depends on t, so network.time_conditioning "
+                           "is turned on")
         self.optim_cfg = OptimConfig(**optim) if isinstance(optim, dict) else optim or OptimConfig()
         self.hparams.network, self.hparams.optim = asdict(net_cfg), asdict(self.optim_cfg)
         self.net = build_network(net_cfg, vocab_size, seq_len)
@@ -85,6 +90,12 @@ class DiffusionModule(pl.LightningModule):
     @property
     def process(self) -> Any:
         raise NotImplementedError
+
+    def posterior_depends_on_time(self) -> bool:
+        """Whether the optimal denoiser E[x0 | x_t] changes with t at a fixed x_t; then a network
+        that does not see t cannot reach it. Subclasses read their options from ``self.hparams``
+        (``save_hyperparameters`` has filled it before the network is built)."""
+        return False
 
     @property
     def num_classes(self) -> int:

@@ -25,8 +25,8 @@ class GenMD4(DiffusionModule):
         decay_w: apply weight decay to the exponents' raw parameters, as the official code does
             (it pulls w towards softplus(0) = 0.69); off by default.
         w_lr: learning rate of the exponents; ``None`` uses the network's.
-        (the rest: see ``DiffusionModule``; GenMD4's posterior depends on t, so keep
-        ``network.time_conditioning`` on)
+        (the rest: see ``DiffusionModule``; the network always sees t, see
+        ``posterior_depends_on_time``)
     """
 
     def __init__(self, vocab_size: int, seq_len: int, w_init: float = 1.0, eps: float = 1e-4, t_min: float = 1e-3,
@@ -40,6 +40,11 @@ class GenMD4(DiffusionModule):
     @property
     def process(self) -> GenMaskedDiffusion:
         return self._process
+
+    def posterior_depends_on_time(self) -> bool:
+        """A token is masked at a rate that depends on its value, so how likely each value is under a
+        mask, q(x0 | x_t), changes with t."""
+        return True
 
     def train_objective(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         t, noise = self.train_noise(batch, draw=0)

@@ -32,5 +32,11 @@ class SEDD(DiffusionModule):
     def process(self) -> ScoreEntropyDiffusion:
         return self._process
 
+    def posterior_depends_on_time(self) -> bool:
+        """Uniform graph: any token may be noise, and how likely it is to be clean falls with t.
+        Absorbing graph: the optimal raw output ``log mu + log V`` does not depend on t (the score's
+        sigma_bar(t) factor is applied outside the network)."""
+        return self.hparams.graph == "uniform"
+
     def sample_kwargs(self, grid: str) -> dict[str, Any]:
         return {"grid": grid, "method": self.hparams.sampler}

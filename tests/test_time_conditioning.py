@@ -1,0 +1,65 @@
+"""A method whose optimal denoiser depends on t gets a network that sees t, whatever the config says."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_md4.modules import GenMD4, MD4, SEDD
+from lightning_md4.nets import TransformerConfig, UNetConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BLIND = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16, time_conditioning=False)
+TINY_NET = ["--model.init_args.network.n_layers=1", "--model.init_args.network.d_model=32",
+            "--model.init_args.network.n_heads=2", "--model.init_args.network.d_cond=16"]
+
+
+@pytest.mark.parametrize("make, sees_t", [
+    (lambda net: GenMD4(5, 8, network=net), True),
+    (lambda net: SEDD(5, 8, graph="uniform", network=net), True),
+    (lambda net: SEDD(5, 8, graph="absorb", network=net), False),
+    (lambda net: MD4(5, 8, network=net), False),
+])
+def test_time_conditioning_follows_the_posterior(make, sees_t, caplog):
+    with caplog.at_level(logging.INFO):
+        module = make(BLIND)
+    said = "its posterior depends on t, so network.time_conditioning is turned on" in caplog.text
+    assert said is sees_t and module.net.time_conditioned is sees_t
+    # The checkpoint records the network that was built, so it reloads into the same weights.
+    assert module.hparams.network == asdict(module.net.cfg)
+    assert module.hparams.network["time_conditioning"] is sees_t
+    reloaded = type(module)(**module.hparams)
+    reloaded.load_state_dict(module.state_dict())
+
+
+def test_a_unet_is_turned_on_too():
+    blind = UNetConfig(channels=16, res_blocks=1, embed_dim=4, heads=2, dropout=0.0, time_conditioning=False)
+    module = GenMD4(5, 48, network=blind)  # a 4x4 colour image
+    assert module.net.time_conditioned and module.hparams.network["time_conditioning"]
+
+
+def test_a_time_conditioned_network_is_left_as_it_is():
+    module = GenMD4(5, 8, network=replace(BLIND, time_conditioning=True))
+    assert module.net.time_conditioned and module.hparams.network == asdict(replace(BLIND, time_conditioning=True))
+
+
+def test_the_model_switch_on_a_blind_config_trains_a_network_that_sees_t(tmp_path):
+    """configs/digits.yaml sets time_conditioning: false for MD4; --model GenMD4 must not inherit it."""
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_md4.cli", "fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+         "--model=GenMD4", f"--trainer.default_root_dir={run}", "--trainer.max_steps=1",
+         "--trainer.val_check_interval=5", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+         "--data.init_args.batch_size=16", *TINY_NET],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GenMD4: its posterior depends on t, so network.time_conditioning is turned on" in proc.stderr
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["network"]["time_conditioning"] is True
+    assert "net.cond.0.weight" in ckpt["state_dict"] and "net.cond_const" not in ckpt["state_dict"]
