@@ -1,8 +1,9 @@
 """Random numbers for the Monte Carlo estimators: time draws and keyed (reproducible) noise.
 
-Training uses stratified ("antithetic") times over the *global* batch: every rank draws the same
-offset ``u`` from a generator seeded by the step, and takes its own slice of the strata, so no two
-devices repeat a stratum.
+Training uses stratified ("antithetic") times over the *global* batch of an optimiser step
+(accumulated micro-batches x ranks x batch): every micro-batch on every rank draws the same offset
+``u``, keyed by the step, and takes its own slice of the strata, so no two devices or micro-batches
+repeat a stratum.
 
 Evaluation uses noise keyed by the example's index in the data set: the time and the mask of
 example ``i`` are a pure function of ``(seed, i)``. A validation NELBO is then the same number on
