@@ -168,33 +168,61 @@ def unigram_entropy(tokens: Tensor) -> Tensor:
     return -(p * torch.log(p.where(p > 0, 1.0))).sum(-1)
 
 
+def score_windows(length: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows ``(begin, end, first)`` that score a sequence of ``length`` tokens with a causal LM of
+    ``context`` positions: the LM reads tokens ``begin:end`` and scores ``first:end`` with all
+    the tokens of the window before each.
+
+    A sequence that fits is one window, every token scored with all its predecessors. A longer one
+    is Hugging Face's sliding window: full windows ending ``stride`` tokens apart (the last one at
+    the end of the sequence), each scoring only the tokens the previous ones did not, so every
+    token has at least ``context - stride`` tokens of context (all of them in the first window).
+    Token 0 is never scored.
+    """
+    if not 1 <= stride < context:
+        raise ValueError(f"stride must be in [1, {context - 1}] for a {context}-token context, got {stride}")
+    if length <= context:
+        return [(0, length, 1)]
+    windows = [(0, context, 1)]
+    while windows[-1][1] < length:
+        scored_to = windows[-1][1]
+        end = min(scored_to + stride, length)
+        windows.append((end - context, end, scored_to))
+    return windows
+
+
 @torch.no_grad()
-def causal_lm_nll(texts: Sequence[str], model: Any, tokenizer: Any, batch_size: int = 8) -> tuple[float, int]:
+def causal_lm_nll(texts: Sequence[str], model: Any, tokenizer: Any, batch_size: int = 8,
+                  stride: int | None = None) -> tuple[float, int]:
     """Total negative log-likelihood (nats) of ``texts`` under a causal LM, and the tokens scored.
 
     Each text is tokenized by the scorer's own tokenizer behind its BOS token, so every text token
-    is scored. A text longer than the scorer's context is cut into windows that overlap by one
-    token: each window scores all its tokens but the first, which the window before scored.
+    is scored. A text that fits the scorer's context is scored in one pass; a longer one (a
+    1024-token sample is 1025 tokens with the BOS) by sliding windows (:func:`score_windows`,
+    ``stride`` default half the context), so that no token is scored with a short context.
     """
     context = model.config.max_position_embeddings
+    stride = context // 2 if stride is None else stride
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    windows = []
+    windows = []  # (token ids read, offset of the first scored token in them)
     for text in texts:
         ids = [bos, *tokenizer(text, add_special_tokens=False)["input_ids"]]
-        windows += [ids[start : start + context] for start in range(0, max(1, len(ids) - 1), context - 1)]
+        windows += [(ids[begin:end], first - begin) for begin, end, first in score_windows(len(ids), context, stride)]
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
-        width = max(len(w) for w in batch)
+        width = max(len(w) for w, _ in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
         valid = torch.zeros(len(batch), width, dtype=torch.bool, device=device)
-        for row, window in enumerate(batch):
+        scored = torch.zeros(len(batch), width, dtype=torch.bool, device=device)
+        for row, (window, first) in enumerate(batch):
             ids[row, : len(window)] = torch.tensor(window, device=device)
             valid[row, : len(window)] = True
+            scored[row, first : len(window)] = True
         logits = model(input_ids=ids, attention_mask=valid.long()).logits[:, :-1].double()
         nll = -logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-        target = valid[:, 1:]
+        target = scored[:, 1:]
         total += float(nll[target].sum())
         count += int(target.sum())
     return total, count

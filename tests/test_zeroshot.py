@@ -1,16 +1,21 @@
-"""Zero-shot sets: each detokenizer on known strings, packing per example, too-short sets, bad input."""
+"""Zero-shot sets: each detokenizer on known strings, packing per example, too-short sets, bad input;
+the context of each token that generative perplexity scores."""
 
 from __future__ import annotations
 
 import json
+import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from datamodules.base import DataError
 from datamodules.tokenizer import load_tokenizer
 from datamodules.zeroshot import (ZeroShotDataModule, lambada_detokenize, lm1b_detokenize, ptb_detokenize,
                                   wikitext_detokenize)
+from lightning_md4.evaluation import causal_lm_nll
 from textdata import documents, train_bpe
 
 SEQ = 16
@@ -111,3 +116,77 @@ def test_bad_inputs(tmp_path, bpe):
     dm = make("wikitext103", tmp_path / "wiki.raw", bpe, tmp_path)
     with pytest.raises(DataError, match="evaluation only"):
         dm.train_dataloader()
+
+
+# -- generative perplexity: the context of each scored token ----------------------------------
+# (lightning_md4.evaluation.causal_lm_nll; here because it shares the evaluation protocol)
+
+class ContextCountingLM(torch.nn.Module):
+    """A causal LM over ids 0..vocab-1 that predicts ``next = current + 1`` with logit c, c being the
+    number of tokens it has read so far in its window: a token scored with c tokens of context
+    costs ``log(1 + (vocab - 1) e^{-c})`` nats, so the total tells how much context each token had."""
+
+    def __init__(self, vocab: int, context: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.config = SimpleNamespace(max_position_embeddings=context)
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        assert input_ids.shape[1] <= self.config.max_position_embeddings, "window longer than the context"
+        seen = attention_mask.cumsum(-1).double()  # [B, W]: tokens read up to and including each position
+        logits = torch.zeros(*input_ids.shape, self.vocab, dtype=torch.float64)
+        logits.scatter_(-1, (input_ids + 1).clamp(max=self.vocab - 1)[..., None], seen[..., None])
+        return SimpleNamespace(logits=logits)
+
+
+class NumberTokenizer:
+    """Text ``"1 2 3"`` is the ids [1, 2, 3]; BOS is 0, so a text "1 2 ... n" counts up from BOS."""
+
+    bos_token_id = eos_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [int(word) for word in text.split()]}
+
+
+LM_VOCAB, LM_CONTEXT = 64, 8
+
+
+def counting_text(n: int) -> str:
+    return " ".join(str(i) for i in range(1, n + 1))
+
+
+def cost(contexts: list[int]) -> float:
+    """Nats of the tokens scored with these numbers of context tokens under ContextCountingLM."""
+    return sum(math.log1p((LM_VOCAB - 1) * math.exp(-c)) for c in contexts)
+
+
+def test_generative_perplexity_scores_the_last_token_with_a_full_context():
+    """A text one token longer than the context (a 1024-token sample behind its BOS under a
+    1024-position scorer): its last token is read with the 7 tokens before it, not 1; a text that
+    fits is one pass. Mixed lengths in one batch exercise the padding."""
+    lm = ContextCountingLM(LM_VOCAB, LM_CONTEXT)
+    texts = [counting_text(5), counting_text(LM_CONTEXT)]  # 6 and 9 tokens with the BOS
+    nll, count = causal_lm_nll(texts, lm, NumberTokenizer(), batch_size=2)
+    contexts = [1, 2, 3, 4, 5] + [1, 2, 3, 4, 5, 6, 7, 7]
+    assert count == len(contexts)
+    assert nll == pytest.approx(cost(contexts), rel=1e-12)
+
+
+@pytest.mark.parametrize("stride, contexts", [
+    # windows [0, 8) scores 1..7; [4, 12) scores 8..11; [7, 15) scores 12..14
+    (4, [1, 2, 3, 4, 5, 6, 7] + [4, 5, 6, 7] + [5, 6, 7]),
+    (1, [1, 2, 3, 4, 5, 6, 7] + [7] * 7),  # every token with all the context there is
+    (7, [1, 2, 3, 4, 5, 6, 7] + [1, 2, 3, 4, 5, 6, 7]),  # back to back windows
+])
+def test_generative_perplexity_sliding_windows(stride, contexts):
+    lm = ContextCountingLM(LM_VOCAB, LM_CONTEXT)
+    nll, count = causal_lm_nll([counting_text(14)], lm, NumberTokenizer(), batch_size=3, stride=stride)
+    assert count == 14 == len(contexts)
+    assert nll == pytest.approx(cost(contexts), rel=1e-12)
+
+
+def test_generative_perplexity_refuses_a_stride_without_overlap():
+    for stride in (0, LM_CONTEXT):
+        with pytest.raises(ValueError, match="stride must be in"):
+            causal_lm_nll([counting_text(20)], ContextCountingLM(LM_VOCAB, LM_CONTEXT), NumberTokenizer(), stride=stride)
