@@ -7,13 +7,9 @@ from typing import Any, Literal
 from torch import Tensor
 
 from lightning_md4.diffusion.d3pm import DiscreteDiffusion, StepNoise
-from lightning_md4.diffusion.noise import keyed_uniform
+from lightning_md4.diffusion.noise import Stream, keyed_uniform, stream_id
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
 from lightning_md4.nets import NetworkConfig
-
-# Keyed-noise streams of the exact test: this + step t (1..T), above the training streams and below
-# the evaluation draws' 2**31 + k, so its draws are independent of every other use.
-EXACT_TEST_STREAM = 1 << 30
 
 
 class D3PM(DiffusionModule):
@@ -65,7 +61,7 @@ class D3PM(DiffusionModule):
         ``index``: LongTensor ``[B]`` of the examples' indices in the data set.
         """
         seed = self.hparams.eval_seed
-        return lambda t: keyed_uniform(seed, index, seq_len, stream=EXACT_TEST_STREAM + t)
+        return lambda t: keyed_uniform(seed, index, seq_len, stream=stream_id(Stream.EXACT_TEST, step=t))
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if not self.hparams.exact_test:
