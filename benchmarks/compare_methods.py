@@ -38,14 +38,14 @@ def text8_style(source: Path, dest: Path) -> Path:
 
 
 class _Trainer:
-    world_size, global_rank, global_step = 1, 0, 0
+    world_size, global_rank, global_step, accumulate_grad_batches = 1, 0, 0, 1
 
 
 def steps_per_second(method: str, vocab: int, seq_len: int, batch: int, repeats: int = 20) -> float:
     """Training steps per second (objective, backward, AdamW step) of one method, float32 on this CPU."""
     torch.manual_seed(0)
     module = METHODS[method](vocab, seq_len, network=TransformerConfig(**NET))
-    module._trainer = _Trainer()  # the training noise reads only world_size, global_rank, global_step
+    module._trainer = _Trainer()  # what the training noise reads of a Trainer
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
     data = {"x0": torch.randint(0, vocab, (batch, seq_len)), "index": torch.arange(batch)}
 
