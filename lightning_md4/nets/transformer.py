@@ -27,6 +27,19 @@ class TransformerConfig:
     d_cond: int = 128
     rope_base: float = 10000.0
 
+    def __post_init__(self) -> None:
+        # Checked where declared, so a bad size stops the command before any run folder is touched.
+        if min(self.n_layers, self.d_model, self.n_heads, self.d_cond) < 1:
+            raise ValueError(f"network sizes must be >= 1: n_layers {self.n_layers}, d_model {self.d_model}, "
+                             f"n_heads {self.n_heads}, d_cond {self.d_cond}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"network.d_model {self.d_model} must split into n_heads {self.n_heads} heads of an "
+                             "even size (rotary positions rotate pairs)")
+        if not (self.mlp_ratio > 0 and self.rope_base > 0):
+            raise ValueError(f"network.mlp_ratio {self.mlp_ratio} and rope_base {self.rope_base} must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"network.dropout is {self.dropout}; it is a probability in [0, 1)")
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding ``[B, dim]`` of times ``t`` in [0, 1] (scaled by 1000 so the

@@ -62,6 +62,20 @@ class UNetConfig:
     label_dropout: float = 0.1
     time_conditioning: bool = True
 
+    def __post_init__(self) -> None:
+        # Checked where declared, so a bad size stops the command before any run folder is touched.
+        if min(self.channels, self.heads, self.embed_dim, self.image_channels, *self.channel_mults, 1) < 1 \
+                or not self.channel_mults:
+            raise ValueError(f"network sizes must be >= 1: channels {self.channels}, channel_mults "
+                             f"{self.channel_mults}, heads {self.heads}, embed_dim {self.embed_dim}, "
+                             f"image_channels {self.image_channels}")
+        if min(self.res_blocks, self.transformer_layers, self.num_classes) < 0:
+            raise ValueError(f"network.res_blocks {self.res_blocks}, transformer_layers {self.transformer_layers} "
+                             f"and num_classes {self.num_classes} must be >= 0")
+        if not (0 <= self.dropout < 1 and 0 <= self.label_dropout <= 1):
+            raise ValueError(f"network.dropout {self.dropout} must be in [0, 1) and label_dropout "
+                             f"{self.label_dropout} in [0, 1]")
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with up to 32 groups (fewer for narrow test networks)."""
