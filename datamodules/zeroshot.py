@@ -27,52 +27,90 @@ from datamodules.packing import BlockCache, count_documents, file_identity, hub_
 from datamodules.tokenizer import load_tokenizer
 
 PATH_KEY = "data.init_args.path"
-DETOKENIZER_VERSION = 1  # part of the cache key: bump when a detokenizer changes
+DETOKENIZER_VERSION = 2  # part of the cache key: bump when a detokenizer changes
 
 
 # -- detokenizers ----------------------------------------------------------------------------
-# Each undoes one corpus's word tokenization, written from a description of it; the rules run in
-# order and each is a plain substitution, so a test can check them on known strings.
+# SEDD's evaluation rules (Lou et al. 2024, whose protocol MD4 follows), in SEDD's order and with
+# its quirks, so that zero-shot perplexities compare with the published ones: each rule is a
+# literal replacement (str.replace) or a regular expression substitution, applied once.
 
-def _close_up(text: str) -> str:
-    """Undo the spacing that word tokenizers put around punctuation, brackets and quotes."""
-    text = re.sub(r"(https?) : / / ", r"\1://", text)  # URLs split at every symbol
-    text = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)(?=\W|$)", r"\1", text, flags=re.IGNORECASE)  # contractions
-    text = re.sub(r" ([.,;:!?%])(?=\s|$)", r"\1", text)  # punctuation joins the word before it
-    text = re.sub(r"([(\[{]) ", r"\1", text)  # an opening bracket joins the word after it
-    text = re.sub(r" ([)\]}])", r"\1", text)  # a closing bracket the word before it
-    text = re.sub(r'" ([^"\n]*?) "', r'"\1"', text)  # "  quoted words  " -> "quoted words"
-    return re.sub(r"([$£€#]) (?=\d)", r"\1", text)  # $ 5 -> $5
+Rule = tuple[str | re.Pattern[str], str]  # (literal or compiled pattern, replacement)
+
+
+def _apply(rules: tuple[Rule, ...], text: str) -> str:
+    for pattern, replacement in rules:
+        text = pattern.sub(replacement, text) if isinstance(pattern, re.Pattern) else text.replace(pattern, replacement)
+    return text
+
+
+def _strip_inside(opening: str, closing: str) -> Rule:
+    """``( a b )`` -> ``(a b)``: the whitespace just inside each pair goes, pairs taken left to right
+    without nesting (for quotes, opening = closing pairs them in order of appearance)."""
+    o, c = re.escape(opening), re.escape(closing)
+    return re.compile(rf"{o}\s*([^{c}]*?)\s*{c}"), rf"{opening}\1{closing}"
+
+
+_WIKITEXT: tuple[Rule, ...] = (
+    ("s '", "s'"),  # plural possessive
+    # (SEDD's next rule, re.sub(r"/' [0-9]/", r"/'[0-9]/"), matches only the literal text "/' <digit>/"
+    # and never fires on WikiText; it is left out.)
+    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),  # hyphen, thousands comma, decimal point in a word
+    (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),
+    _strip_inside("(", ")"), _strip_inside("[", "]"), _strip_inside("{", "}"),
+    _strip_inside('"', '"'), _strip_inside("'", "'"),
+    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="),  # headings
+    (" \u00b0 ", "\u00b0"),  # degree sign
+    (" \n", "\n"), ("\n ", "\n"),
+    (" N ", " 1 "),
+    (" 's", "'s"),
+)
+
+_PTB: tuple[Rule, ...] = (
+    (" 's", "'s"), ("s ' ", "s' "), (" n't", "n't"), (" \n ", "\n"), ("\\/", "/"),
+    # SEDD replaces " N " ten times over; two passes already reach every N between spaces (a pass
+    # skips only the second of two adjacent ones), which is what the lookarounds do in one.
+    (re.compile(r"(?<= )N(?= )"), "1"),
+    ("$ 1", "$1"), ("# 1", "#1"),
+    ("<unk>", "?"),
+)
+
+_LM1B: tuple[Rule, ...] = (
+    ("http : / / ", "http://"), ("https : / / ", "https://"),
+    (re.compile(r" '(\w+)"), r"'\1"),  # clitics ('s, 're) and opening single quotes join the word before
+    (re.compile(r" (\w+) \. "), r" \1. "), (re.compile(r" (\w+) \.$"), r" \1."),
+    (" ? ", "? "), (re.compile(r" \?$"), "?"), (" ! ", "! "), (re.compile(r" !$"), "!"),
+    (" , ", ", "), (" : ", ": "), (" ; ", "; "), (" / ", "/"),
+    (re.compile(r'" ([^"]+) "'), r'"\1"'), (re.compile(r"' ([^']+) '"), r"'\1'"),
+    (re.compile(r"\( ([^()]+) \)"), r"(\1)"), (re.compile(r"\[ ([^\[\]]+) \]"), r"[\1]"),
+    ("$ ", "$"), ("\u00a3 ", "\u00a3"),
+)
 
 
 def wikitext_detokenize(text: str) -> str:
-    """WikiText: ``@-@``, ``@,@`` and ``@.@`` mark a hyphen, thousands comma and decimal point inside a
-    word; headings are ``= = Title = =``; punctuation, brackets and quotes stand apart."""
-    text = text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
-    text = re.sub(r"(?<==) (?==)", "", text)  # "= = Title = =" -> "== Title =="
-    return _close_up(text).replace(" \n", "\n").replace("\n ", "\n")
+    """WikiText: ``@-@``, ``@,@`` and ``@.@`` inside words, ``= = Title = =`` headings, punctuation
+    and brackets standing apart. As SEDD's, it leaves ``n't`` and ``%`` split off."""
+    return _apply(_WIKITEXT, text)
 
 
 def ptb_detokenize(text: str) -> str:
-    """Penn Treebank (lower case, numbers as ``N``, rare words as ``<unk>``, clitics split, ``\\/`` for
-    ``/``). As in SEDD's evaluation, ``<unk>`` becomes ``?`` and ``N`` the digit ``1``."""
-    text = re.sub(r"(?<!\S)N(?!\S)", "1", text)
-    text = text.replace("\\/", "/")
-    text = re.sub(r"(\w)s ' ", r"\1s' ", text)  # plural possessive: "traders ' " -> "traders' "
-    # After closing up, so the "?" standing for a word is not joined to the word before it.
-    return re.sub(r"(?<!\S)<unk>(?!\S)", "?", _close_up(text))
+    """Penn Treebank (lower case, numbers as ``N``, rare words as ``<unk>``, clitics split, ``\\/``
+    for ``/``): ``N`` between spaces becomes ``1`` (one at either end of a sentence stays), ``<unk>``
+    becomes ``?``."""
+    return _apply(_PTB, text)
 
 
 def lambada_detokenize(text: str) -> str:
     """LAMBADA (OpenAI's version is already natural text): curly double quotes become straight, and
-    each passage starts on a new line, as in SEDD's evaluation."""
+    each passage starts on a new line."""
     return "\n" + text.replace("\u201c", '"').replace("\u201d", '"').strip()
 
 
 def lm1b_detokenize(text: str) -> str:
     """One Billion Word: news sentences with punctuation, brackets, quotes, clitics, currency and URLs
-    split off by spaces."""
-    return _close_up(text).replace(" / ", "/")
+    split off by spaces. As SEDD's, it joins a full stop only to a plain word (``p.m .`` stays) and
+    leaves ``n't`` split off."""
+    return _apply(_LM1B, text)
 
 
 @dataclass(frozen=True)
