@@ -521,7 +521,7 @@ def error_line(err: Exception, argv: list[str]) -> str:
     from jsonargparse import ArgumentError
 
     if isinstance(err, ArgumentError):
-        command = f"md4 {argv[0]}" if argv[:1] in (["fit"], ["validate"], ["test"]) else "md4"
+        command = f"md4 {argv[0]}" if argv[:1] in (["fit"], ["validate"], ["test"], ["evaluate-samples"]) else "md4"
         return f"{config_error_line(str(err))} ({command} --help lists the options)"
     cause = user_error(err)
     if cause is None:
@@ -548,7 +548,8 @@ def user_error(err: BaseException | None) -> BaseException | None:
 def config_error_line(message: str) -> str:
     """The informative part of a jsonargparse error, which nests the cause under union subtypes."""
     lines = [line.strip(" -") for line in message.splitlines() if line.strip()]
-    causes = ("not accepted", "not expected", "does not exist", "No such file", "Expected a", "Unable to")
+    causes = ("not accepted", "not expected", "does not exist", "No such file", "Expected a", "Unable to",
+              "Not of type")
     specific = next((line for line in lines[1:] if any(c in line for c in causes) and "NoneType" not in line), "")
     return f"{lines[0]} {specific}".strip() if lines else message
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from datamodules.tokenizer import load_tokenizer
 from datamodules.zeroshot import SETS, ZeroShotDataModule
-from lightning_md4.cli import load_checkpoint, resolve_class
+from lightning_md4.cli import OneLineParser, load_checkpoint, positive_int, resolve_class
 from lightning_md4.modules.base import DiffusionModule
 from lightning_md4.sampling import GRIDS
 
@@ -84,19 +84,19 @@ def zeroshot_table(model: DiffusionModule, sets: dict[str, str | None], trainer_
 
 def zeroshot_main(argv: list[str]) -> None:
     """``md4 zeroshot``: the zero-shot perplexity table of one checkpoint, printed and saved."""
-    p = argparse.ArgumentParser(prog="md4 zeroshot", description=zeroshot_main.__doc__)
+    p = OneLineParser(prog="md4 zeroshot", description=zeroshot_main.__doc__)
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by md4 fit")
     p.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
     p.add_argument("--paths", nargs="*", default=[], metavar="SET=FILE",
                    help="local files of the sets (the others are loaded from the Hugging Face hub)")
     p.add_argument("--data_dir", default="~/.cache/lightning_md4/zeroshot", help="folder of the token caches")
     p.add_argument("--tokenizer", default=None, help="default: the checkpoint's data tokenizer, else gpt2")
-    p.add_argument("--eval_draws", type=int, default=1000, help="time draws averaged per sequence (SEDD: 1000)")
-    p.add_argument("--eval_T", type=int, default=None, help="report the T-step discrete-time bound instead")
-    p.add_argument("--batch_size", type=int, default=8, help="sequences per device and batch")
+    p.add_argument("--eval_draws", type=positive_int, default=1000, help="time draws averaged per sequence (SEDD: 1000)")
+    p.add_argument("--eval_T", type=positive_int, default=None, help="report the T-step discrete-time bound instead")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="sequences per device and batch")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--devices", default="auto", help="devices per node (Lightning's trainer.devices)")
-    p.add_argument("--num_nodes", type=int, default=1)
+    p.add_argument("--num_nodes", type=positive_int, default=1)
     p.add_argument("--output", default=None, help="table file (.md; a .json twin is written); "
                                                   "default: zeroshot-<checkpoint name>.md beside the checkpoint")
     args = p.parse_args(argv)
@@ -244,13 +244,13 @@ def load_causal_lm(name_or_path: str, device: str) -> tuple[Any, Any]:
 
 def genppl_main(argv: list[str]) -> None:
     """``md4 genppl``: generative perplexity and unigram entropy of samples from a checkpoint."""
-    p = argparse.ArgumentParser(prog="md4 genppl", description=genppl_main.__doc__)
+    p = OneLineParser(prog="md4 genppl", description=genppl_main.__doc__)
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by md4 fit")
     p.add_argument("--scorer", default="gpt2-large", help="causal LM: hub name or local folder")
-    p.add_argument("--num_samples", type=int, default=64)
-    p.add_argument("--steps", type=int, default=1000, help="sampling steps")
+    p.add_argument("--num_samples", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=1000, help="sampling steps")
     p.add_argument("--grid", choices=GRIDS, default="uniform", help="time grid of the sampler")
-    p.add_argument("--batch_size", type=int, default=16, help="samples drawn and scored per batch")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="samples drawn and scored per batch")
     p.add_argument("--tokenizer", default=None, help="default: the checkpoint's data tokenizer, else gpt2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
