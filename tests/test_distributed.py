@@ -15,7 +15,7 @@ def validate(tmp_path: Path, corpus: Path, devices: int) -> float:
             f"--data.init_args.path={corpus}", "--data.init_args.seq_len=16", "--data.init_args.eval_batch_size=4",
             "--data.init_args.val_fraction=0.2", f"--trainer.default_root_dir={tmp_path / f'run{devices}'}",
             "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.limit_val_batches=null",
-            "--trainer.enable_progress_bar=false", "--model.init_args.network.n_layers=1",
+            "--trainer.enable_progress_bar=false", "--random_weights=true", "--model.init_args.network.n_layers=1",
             "--model.init_args.network.d_model=32", "--model.init_args.network.n_heads=2"]
     if devices > 1:
         args.append("--trainer.strategy=ddp")

@@ -135,7 +135,9 @@ def test_generative_perplexity_against_token_by_token_scoring(tiny_gpt2):
     for text in texts:
         ids = [bos, *tokenizer(text, add_special_tokens=False)["input_ids"]]
         for j in range(1, len(ids)):  # token j given the tokens of its window before it
-            start = (j - 1) // (context - 1) * (context - 1)
+            # 12-token windows ending at 12, 18, 24, ... (stride 6), the last one at the end of the text
+            k = 0 if j < context else (j - context) // (context // 2) + 1
+            start = max(0, min(context + k * (context // 2), len(ids)) - context)
             logits = model(input_ids=torch.tensor([ids[start:j]])).logits[0, -1].double()
             total -= float(logits.log_softmax(-1)[ids[j]])
             scored += 1

@@ -65,7 +65,7 @@ def test_cli_reports_an_indivisible_global_batch_in_one_line(tmp_path):
         [sys.executable, "-m", "lightning_md4.cli", "validate", "--config", str(ROOT / "configs" / "digits.yaml"),
          "--data.init_args.batch_size=null", "--data.init_args.global_batch_size=64",
          "--trainer.accumulate_grad_batches=3", "--trainer.accelerator=cpu", "--trainer.logger=false",
-         f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"],
+         f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--random_weights=true"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
