@@ -12,7 +12,8 @@ from torch import Tensor
 
 
 class LabelledNet(Protocol):
-    """A network taking class labels ``y [B]`` (``num_classes`` is the null label)."""
+    """A network taking class labels ``y [B]`` (``num_classes`` is the null label); the
+    transformer also takes ``positions=`` (see ``ClassConditioned``)."""
 
     num_classes: int
     time_conditioned: bool
@@ -40,16 +41,24 @@ class ClassConditioned:
     (arXiv 2507.08965). For SEDD's log-scores it is the geometric mix of the
     conditional and unconditional rates (Nisonoff et al. 2024). ``w = 0`` (training, evaluation)
     is the conditional model in one network pass; ``w != 0`` runs both passes as one batch of ``2B``.
+
+    ``positions`` (bool ``[B, N]``, given by ``MaskedDiffusion`` with ``logits_at: masked``) is
+    passed on to the network, which then returns the rows ``logits[positions]``, ``[M, V]``.
     """
 
     def __init__(self, net: LabelledNet, y: Tensor, w: float = 0.0) -> None:
         self.net, self.y, self.w = net, y, float(w)
         self.time_conditioned = net.time_conditioned
 
-    def __call__(self, xt: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, xt: Tensor, t: Tensor, positions: Tensor | None = None) -> Tensor:
         y = tile_labels(self.y, xt.shape[0])
+        # Only when given: networks without positions= (the UNet) keep working.
+        rows = {} if positions is None else {"positions": positions}
         if self.w == 0.0:
-            return self.net(xt, t, y)
+            return self.net(xt, t, y, **rows)
+        if positions is not None:
+            # The selected rows come example by example, so the first half are the conditional ones.
+            rows = {"positions": torch.cat([positions, positions])}
         null = torch.full_like(y, self.net.num_classes)
-        cond, uncond = self.net(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        cond, uncond = self.net(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y, null]), **rows).chunk(2)
         return (1.0 + self.w) * cond - self.w * uncond

@@ -1,7 +1,7 @@
 """Bidirectional transformer denoiser: rotary positions, adaLN-Zero time conditioning, GLU MLP, SDPA.
 
-Input tokens ``[B, N]`` with ids ``0..V`` (``V`` is the mask), times ``[B]``; output logits
-``[B, N, V]`` over the real tokens only.
+Input tokens ``[B, N]`` with ids ``0..V`` (``V`` is the mask), times ``[B]``, optionally class
+labels ``[B]``; output logits ``[B, N, V]`` over the real tokens only.
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from torch import Tensor, nn
 
 @dataclass
 class TransformerConfig:
-    """Network size. The paper's text8/OWT model is 12 layers, d_model 768, 12 heads."""
+    """Network size. The paper's text8/OWT model is 12 layers, d_model 768, 12 heads.
+
+    ``num_classes`` > 0 makes the network class-conditional (label ``num_classes`` is the null
+    label of classifier-free guidance); in training each label becomes the null label with
+    probability ``label_dropout``, so the same network also learns the unconditional model.
+    """
 
     n_layers: int = 12
     d_model: int = 768
@@ -26,6 +31,8 @@ class TransformerConfig:
     time_conditioning: bool = True
     d_cond: int = 128
     rope_base: float = 10000.0
+    num_classes: int = 0
+    label_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         # Checked where declared, so a bad size stops the command before any run folder is touched.
@@ -39,6 +46,10 @@ class TransformerConfig:
             raise ValueError(f"network.mlp_ratio {self.mlp_ratio} and rope_base {self.rope_base} must be > 0")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"network.dropout is {self.dropout}; it is a probability in [0, 1)")
+        if self.num_classes < 0:
+            raise ValueError(f"network.num_classes is {self.num_classes}; it must be >= 0 (0: unconditional)")
+        if not 0 <= self.label_dropout <= 1:
+            raise ValueError(f"network.label_dropout is {self.label_dropout}; it is a probability in [0, 1]")
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -109,10 +120,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The denoiser: ``forward(xt [B, N], t [B]) -> logits [B, N, V]``.
+    """The denoiser: ``forward(xt [B, N], t [B], y [B] | None) -> logits [B, N, V]``.
 
-    With ``time_conditioning=False`` the conditioning vector is a learned constant, the network
-    ignores t, and ``time_conditioned`` tells samplers they may cache its output.
+    With ``time_conditioning=False`` the time part of the conditioning vector is a learned
+    constant, the network ignores t, and ``time_conditioned`` tells samplers they may cache its
+    output. With ``num_classes`` > 0 a label embedding is added to the conditioning vector, as in
+    the UNet, so ``ClassConditioned`` binds labels and guides either network.
     """
 
     def __init__(self, vocab_size: int, cfg: TransformerConfig) -> None:
@@ -122,11 +135,14 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.time_conditioned = cfg.time_conditioning
+        self.num_classes = cfg.num_classes
         self.embed = nn.Embedding(vocab_size + 1, cfg.d_model)  # + the mask token
         if cfg.time_conditioning:
             self.cond = nn.Sequential(nn.Linear(cfg.d_cond, cfg.d_cond), nn.SiLU(), nn.Linear(cfg.d_cond, cfg.d_cond))
         else:
             self.cond_const = nn.Parameter(torch.zeros(cfg.d_cond))
+        if cfg.num_classes:
+            self.label_embed = nn.Embedding(cfg.num_classes + 1, cfg.d_cond)  # + the null label
         self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_base)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm_out = nn.LayerNorm(cfg.d_model, elementwise_affine=False)
@@ -142,23 +158,44 @@ class Transformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.embed.weight, std=0.02)
+        if self.num_classes:
+            nn.init.normal_(self.label_embed.weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.ada.weight)
             nn.init.zeros_(block.ada.bias)
         nn.init.zeros_(self.ada_out.weight)
         nn.init.zeros_(self.ada_out.bias)
 
-    def conditioning(self, t: Tensor) -> Tensor:
+    def conditioning(self, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The vector ``[B, d_cond]`` every block is modulated by: the time embedding (a learned
+        constant without time conditioning, so t never enters) plus the label embedding."""
         if self.time_conditioned:
-            return F.silu(self.cond(timestep_embedding(t, self.cfg.d_cond).to(self.embed.weight.dtype)))
-        return F.silu(self.cond_const).expand(t.shape[0], -1)
+            c = self.cond(timestep_embedding(t, self.cfg.d_cond).to(self.embed.weight.dtype))
+        else:
+            c = self.cond_const.expand(t.shape[0], -1)
+        if self.num_classes:
+            c = c + self.label_embed(self.labels(y, t.shape[0], t.device))
+        elif y is not None:
+            raise ValueError("class labels were given to an unconditional transformer; set network.num_classes")
+        return F.silu(c)
 
-    def forward(self, xt: Tensor, t: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Logits ``[B, N, V]``; with ``positions`` (bool ``[B, N]``) only those rows, ``[M, V]``
-        in the order of ``logits[positions]``: the head is a quarter of the FLOPs at a GPT-2
-        vocabulary and a loss over masked tokens needs no other rows."""
+    def labels(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        """Labels ``[B]`` to embed: ``None`` is the null label ``num_classes`` for every example;
+        in training mode each label is replaced by the null label with probability ``label_dropout``."""
+        if y is None:
+            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        if self.training and self.cfg.label_dropout > 0:
+            drop = torch.rand(y.shape, device=y.device) < self.cfg.label_dropout
+            y = torch.where(drop, self.num_classes, y)
+        return y
+
+    def forward(self, xt: Tensor, t: Tensor, y: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """Logits ``[B, N, V]``; ``y`` ``[B]`` class labels (``None``: the null label). With
+        ``positions`` (bool ``[B, N]``) only those rows, ``[M, V]`` in the order of
+        ``logits[positions]``: the head is a quarter of the FLOPs at a GPT-2 vocabulary and a
+        loss over masked tokens needs no other rows."""
         B, N = xt.shape
-        c = self.conditioning(t).to(self.embed.weight.dtype)
+        c = self.conditioning(t, y).to(self.embed.weight.dtype)
         cos, sin = self.rotary(N, xt.device)
         x = self.drop(self.embed(xt))
         for block in self.blocks:
