@@ -394,7 +394,10 @@ def sample_main(argv: list[str]) -> None:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     tokens, nfe = model.sample(args.num_samples, args.steps, args.grid, generator=generator, guidance=args.guidance)
     texts = datamodule.decode(tokens.cpu())
-    out = write_text_samples(texts, args.output) if texts is not None else save_samples(tokens, datamodule, args.output)
+    if texts is not None:
+        out = write_text_samples(texts, args.output)
+    else:  # a class-conditional model's grid: one row per class
+        out = save_samples(tokens, datamodule, args.output, num_classes=model.num_classes)
     print(f"wrote {args.num_samples} samples to {out} ({args.steps} steps, {args.grid} grid, {nfe} network evaluations)")
 
 
@@ -476,7 +479,8 @@ def evaluate_main(argv: list[str]) -> None:
     output = Path(args.output or ckpt.with_name(f"evaluate-{ckpt.stem}-{args.steps}-{args.grid}-w{args.guidance:g}.json"))
     images, nfe = sample_images(model, datamodule, args.num_samples, args.steps, args.grid, args.guidance,
                                 args.batch_size, args.seed)
-    grid_png = save_samples(images[:64].flatten(1).long(), datamodule, output.with_suffix(".png"))
+    grid_png = save_samples(images[:64].flatten(1).long(), datamodule, output.with_suffix(".png"),
+                            num_classes=model.num_classes)
     reference = datamodule.reference_images(args.reference_size)
     metrics = fid_and_inception_score(images, reference, datamodule.reference_name, weights,
                                       Path(args.cache_root).expanduser(), args.feature_layer_fid,
