@@ -222,10 +222,18 @@ def checkpoint_folders(trainer: Any) -> list[Path]:
 def resolve_run_checkpoint(subcommand: str, cfg: Any, trainer: Any) -> int | None:
     """Check ``--ckpt_path`` against the subcommand and replace ``last``/``best`` with the run's file.
 
-    validate and test need a checkpoint that loads (or ``--random_weights``); ``fit --ckpt_path
-    last`` on a run without checkpoints says so and starts it (requeue scripts rely on that) unless
-    ``--strict_resume``. Returns the global step of the checkpoint that validate/test score.
+    ``last`` and ``best`` take the newest (best) checkpoint that loads, with one stderr line naming
+    the ones skipped and why. validate and test need a checkpoint that loads (or
+    ``--random_weights``); ``fit --ckpt_path last`` on a run without checkpoints says so and starts
+    it (requeue scripts rely on that) unless ``--strict_resume``. Returns the global step of the
+    checkpoint that validate/test score.
+
+    Every trainer of the CLI passes here before it runs, so this is also where it gets durable,
+    finite checkpoints and a checkpoint on SIGTERM (``checkpointing.install``).
     """
+    from lightning_md4.checkpointing import install
+
+    install(trainer)
     ckpt_path, folders = cfg.get("ckpt_path"), checkpoint_folders(trainer)
     where = ", ".join(map(str, folders)) or "the run (no ModelCheckpoint dirpath is set)"
     if subcommand == "fit":
@@ -242,30 +250,42 @@ def resolve_run_checkpoint(subcommand: str, cfg: Any, trainer: Any) -> int | Non
         raise UsageError(f"--random_weights and --ckpt_path {ckpt_path} contradict each other; drop one")
     if ckpt_path is None:
         return None
-    path = Path(ckpt_path) if ckpt_path not in ("last", "best") else run_checkpoint(folders, ckpt_path)
+    if ckpt_path in ("last", "best"):
+        path, ckpt, skipped = run_checkpoint(folders, ckpt_path, Path(trainer.default_root_dir))
+        if skipped and trainer.is_global_zero:
+            from lightning_md4.checkpointing import skipped_line
+
+            print(skipped_line(skipped, path), file=sys.stderr)
+    else:
+        path, ckpt, skipped = Path(ckpt_path), load_checkpoint(ckpt_path), []
     if path is None and subcommand == "fit" and not cfg.strict_resume:
         if trainer.is_global_zero:
-            print(f"md4: nothing to resume: {where} holds no checkpoint; starting a new run", file=sys.stderr)
+            state = "no checkpoint that loads" if skipped else "no checkpoint"
+            print(f"md4: nothing to resume: {where} holds {state}; starting a new run", file=sys.stderr)
         cfg["ckpt_path"] = None
         return None
     if path is None:
-        raise UsageError(f"--ckpt_path {ckpt_path}: {where} holds no checkpoint; train with md4 fit first, "
-                         "or pass --ckpt_path FILE")
-    ckpt = load_checkpoint(path)
+        raise UsageError(f"--ckpt_path {ckpt_path}: {where} holds no checkpoint that loads; train with md4 fit "
+                         "first, or pass --ckpt_path FILE")
     cfg["ckpt_path"] = str(path)
     return int(ckpt.get("global_step", 0))
 
 
-def run_checkpoint(folders: list[Path], which: str) -> Path | None:
-    """The run's newest ``last*.ckpt``, or for ``best`` the best checkpoint that it records."""
-    lasts = sorted((p for folder in folders if folder.is_dir() for p in folder.glob("last*.ckpt")),
-                   key=lambda p: p.stat().st_mtime)
-    if not lasts or which == "last":
-        return lasts[-1] if lasts else None
-    states = load_checkpoint(lasts[-1]).get("callbacks", {})
-    best = next((s["best_model_path"] for key, s in states.items()
-                 if key.startswith("ModelCheckpoint") and s.get("best_model_path")), None)
-    return Path(best) if best else None
+def run_checkpoint(folders: list[Path], which: str,
+                   root: Path | None = None) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The run's checkpoint for ``last`` or ``best``, its contents, and why any newer one was skipped.
+
+    ``last``: the newest checkpoint of the run that loads (``last.ckpt``, else the newest step, best
+    or SLURM requeue checkpoint), so a torn ``last.ckpt`` falls back to the one before it. ``best``:
+    the best checkpoint that loads among those the newest loadable checkpoint records.
+    """
+    from lightning_md4.checkpointing import best_candidates, newest_loadable, run_candidates
+
+    path, ckpt, skipped = newest_loadable(run_candidates(folders, root), load_checkpoint)
+    if which == "last" or ckpt is None:
+        return path, ckpt, skipped
+    path, ckpt, more = newest_loadable(best_candidates(ckpt.get("callbacks", {})), load_checkpoint)
+    return path, ckpt, skipped + more
 
 
 def resume_record_name(log_dir: Path) -> str:
@@ -318,7 +338,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(err).__name__}: "
-                              f"{first_line(err)[:200]}); use another checkpoint, e.g. last.ckpt") from None
+                              f"{first_line(err)[:200]}); use another checkpoint (--ckpt_path last takes the "
+                              "run's newest that loads)") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "_class_path" not in ckpt.get("hyper_parameters", {}):
         raise CheckpointError(f"checkpoint {path} was not written by `md4 fit` (no model hyper-parameters)")
     return ckpt

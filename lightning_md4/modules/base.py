@@ -193,15 +193,27 @@ class DiffusionModule(pl.LightningModule):
             total += nelbo.double()
         return total / self.eval_draws
 
+    # First step whose training loss was NaN or inf (-1: none), a 0-d tensor on the device: kept every
+    # step without a host sync, read at logging steps below and before every checkpoint save
+    # (checkpointing.FiniteCheckpoints), so a NaN between logging steps never reaches a checkpoint.
+    nonfinite_step: Tensor | None = None
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         # Lightning steps the optimiser after every accumulate-th batch of an epoch (and after the
         # epoch's last), counting from the epoch's first batch as batch_idx does.
         self.micro_index = batch_idx % self.trainer.accumulate_grad_batches
         objective, nelbo = self.train_objective(batch)
-        # A host sync, so only at logging steps: enough to stop a diverged run before it is checkpointed.
-        if self.global_step % self.trainer.log_every_n_steps == 0 and not torch.isfinite(objective).all():
-            raise FloatingPointError(f"training loss is not finite (NaN or inf) at step {self.global_step}; lower "
-                                     "optim.lr or raise trainer.gradient_clip_val, and resume from the last checkpoint")
+        first = self.nonfinite_step
+        if first is None or first.device != objective.device:
+            first = torch.full((), -1, dtype=torch.int64, device=objective.device)
+        bad = ~torch.isfinite(objective.detach()).all()
+        self.nonfinite_step = torch.where(bad & (first < 0), self.global_step, first)
+        # A host sync, so only at logging steps.
+        if self.global_step % self.trainer.log_every_n_steps == 0 and int(self.nonfinite_step) >= 0:
+            raise FloatingPointError(
+                f"training loss is not finite (NaN or inf), first at step {int(self.nonfinite_step)}; md4 fit saves no "
+                "checkpoint after it, so --ckpt_path last resumes from the last good one: lower optim.lr or raise "
+                "trainer.gradient_clip_val first")
         seq_len = batch["x0"].shape[1]
         nats_per_token = nelbo.mean() / seq_len
         self.log("train/nelbo", nats_per_token, prog_bar=True)
