@@ -1,5 +1,6 @@
 """LightningModule glue: optimiser groups, noise keyed for reproducibility and DDP, GenMD4 options."""
 
+import pytest
 import torch
 
 from lightning_md4.modules import GenMD4, MD4, OptimConfig
@@ -164,3 +165,20 @@ def test_d3pm_exact_test_sums_all_steps(tmp_path):
     expected = m.process.nelbo_exact(m.net, x0, batch_T=8, step_noise=m.exact_test_noise(batch["index"], 64)).mean() / 64
     one_draw = m.process.nelbo(m.net, x0, generator=torch.Generator().manual_seed(0)).mean() / 64
     assert abs(nats - expected.item()) < 1e-5 and abs(nats - one_draw.item()) > 1e-3
+
+
+def test_a_checkpoint_saved_before_a_network_field_existed_still_loads():
+    """A network field added later (with its default) must not make older checkpoints 'another model'."""
+    from dataclasses import asdict
+
+    from lightning_md4.modules import MD4
+    from lightning_md4.modules.base import CheckpointError
+
+    m = MD4(17, 8, network=TINY)
+    theirs = {"_class_path": "lightning_md4.modules.MD4", "vocab_size": 17, "seq_len": 8,
+              "network": asdict(m.net.cfg)}
+    theirs["network"].pop("rope_base")  # as if saved before the field existed; it takes its default
+    m.on_load_checkpoint({"hyper_parameters": theirs})
+    theirs["network"]["d_model"] = 2 * theirs["network"]["d_model"]
+    with pytest.raises(CheckpointError, match="network"):
+        m.on_load_checkpoint({"hyper_parameters": theirs})

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from lightning_md4.diffusion.noise import EVAL_DRAW_STREAM  # noqa: F401  (where tests rebuild the evaluation noise)
 from lightning_md4.diffusion.noise import Stream, keyed_times, keyed_uniform, stratified_times, stream_id
 from lightning_md4.conditioning import ClassConditioned
-from lightning_md4.nets import NetworkConfig, TransformerConfig, build_network, network_config
+from lightning_md4.nets import NetworkConfig, build_network, network_config
 from lightning_md4.sampling import Denoiser
 
 
@@ -299,7 +299,8 @@ class DiffusionModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model with an error that names the difference."""
         theirs = checkpoint.get("hyper_parameters", {})
-        their_net = theirs.get("network") or asdict(TransformerConfig())
+        # Through the config class, so a checkpoint saved before a field was added compares with its default.
+        their_net = asdict(network_config(theirs.get("network")))
         differences = {
             "model class": (theirs.get("_class_path", type(self).__name__).rsplit(".", 1)[-1], type(self).__name__),
             "vocab_size": (theirs.get("vocab_size", self.hparams.vocab_size), self.hparams.vocab_size),
