@@ -229,10 +229,14 @@ def newest_loadable(candidates: Iterable[Path],
     return None, None, skipped
 
 
+def skip_reasons(skipped: list[str]) -> str:
+    """The load errors of skipped checkpoints, each without its advice to use another checkpoint."""
+    return "; ".join(reason.split("; ")[0] for reason in skipped)
+
+
 def skipped_line(skipped: list[str], chosen: Path | None) -> str:
     """One stderr line naming the checkpoints that did not load, why, and what is used instead."""
-    reasons = "; ".join(reason.split("; ")[0] for reason in skipped)  # without each error's advice
-    return f"md4: skipped {len(skipped)} unreadable checkpoint(s): {reasons}; using {chosen or 'none'}"
+    return f"md4: skipped {len(skipped)} unreadable checkpoint(s): {skip_reasons(skipped)}; using {chosen or 'none'}"
 
 
 def best_candidates(states: dict[str, Any]) -> list[Path]:

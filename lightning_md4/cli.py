@@ -251,22 +251,24 @@ def resolve_run_checkpoint(subcommand: str, cfg: Any, trainer: Any) -> int | Non
     if ckpt_path is None:
         return None
     if ckpt_path in ("last", "best"):
-        path, ckpt, skipped = run_checkpoint(folders, ckpt_path, Path(trainer.default_root_dir))
-        if skipped and trainer.is_global_zero:
-            from lightning_md4.checkpointing import skipped_line
+        from lightning_md4.checkpointing import skip_reasons, skipped_line
+        from lightning_md4.modules.base import CheckpointError
 
+        path, ckpt, skipped = run_checkpoint(folders, ckpt_path, Path(trainer.default_root_dir))
+        if path is None and skipped:  # never start afresh over a run whose checkpoints are all torn
+            raise CheckpointError(f"--ckpt_path {ckpt_path}: no checkpoint of the run loads: {skip_reasons(skipped)}")
+        if skipped and trainer.is_global_zero:
             print(skipped_line(skipped, path), file=sys.stderr)
     else:
-        path, ckpt, skipped = Path(ckpt_path), load_checkpoint(ckpt_path), []
+        path, ckpt = Path(ckpt_path), load_checkpoint(ckpt_path)
     if path is None and subcommand == "fit" and not cfg.strict_resume:
         if trainer.is_global_zero:
-            state = "no checkpoint that loads" if skipped else "no checkpoint"
-            print(f"md4: nothing to resume: {where} holds {state}; starting a new run", file=sys.stderr)
+            print(f"md4: nothing to resume: {where} holds no checkpoint; starting a new run", file=sys.stderr)
         cfg["ckpt_path"] = None
         return None
     if path is None:
-        raise UsageError(f"--ckpt_path {ckpt_path}: {where} holds no checkpoint that loads; train with md4 fit "
-                         "first, or pass --ckpt_path FILE")
+        raise UsageError(f"--ckpt_path {ckpt_path}: {where} holds no checkpoint; train with md4 fit first, "
+                         "or pass --ckpt_path FILE")
     cfg["ckpt_path"] = str(path)
     return int(ckpt.get("global_step", 0))
 
@@ -285,7 +287,7 @@ def run_checkpoint(folders: list[Path], which: str,
     if which == "last" or ckpt is None:
         return path, ckpt, skipped
     path, ckpt, more = newest_loadable(best_candidates(ckpt.get("callbacks", {})), load_checkpoint)
-    return path, ckpt, skipped + more
+    return path, ckpt, skipped + [reason for reason in more if reason not in skipped]
 
 
 def resume_record_name(log_dir: Path) -> str:

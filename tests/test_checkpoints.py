@@ -234,3 +234,24 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_resume_continues_fro
     out = run_fit(run, corpus, f"--trainer.max_steps={step + 2}", *args, "--ckpt_path", "last")
     assert f"Restoring states from the checkpoint path at {last}" in out.stderr + out.stdout
     assert marked_steps(marker)[len(reached):] == [step + 1, step + 2]  # on from the step reached
+
+
+def test_best_skips_a_torn_best_checkpoint_for_the_next_best(tmp_path):
+    """``--ckpt_path best``: the run's record ranks best-2 (0.5) over best-1 (0.7); best-2 is torn."""
+    from lightning_md4.cli import run_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    best1, best2, last = folder / "best-1.ckpt", folder / "best-2.ckpt", folder / "last.ckpt"
+    key_val = "ModelCheckpoint{'monitor': 'val/nelbo', 'mode': 'min', 'every_n_train_steps': 0}"
+    key_step = "ModelCheckpoint{'monitor': 'step', 'mode': 'max', 'every_n_train_steps': 0}"
+    states = {key_step: {"monitor": "step", "best_model_path": str(last), "best_k_models": {str(last): 3.0}},
+              key_val: {"monitor": "val/nelbo", "best_model_path": str(best2),
+                        "best_k_models": {str(best1): torch.tensor(0.7), str(best2): torch.tensor(0.5)}}}
+    for step, path in ((1, best1), (2, best2), (3, last)):
+        torch.save({"global_step": step, "state_dict": {}, "hyper_parameters": {"_class_path": "x.MD4"},
+                    "callbacks": states}, path)
+    tear(best2)
+    path, ckpt, skipped = run_checkpoint([folder], "best")
+    assert path == best1 and ckpt["global_step"] == 1
+    assert len(skipped) == 1 and f"{best2} is corrupt" in skipped[0]
