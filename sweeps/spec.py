@@ -4,7 +4,7 @@ A study is a YAML file (see ``sweeps/studies/*.yaml``)::
 
     name: dropout
     base_configs: [../../configs/digits.yaml, tiny_digits.yaml]   # relative to this file
-    args: [--trainer.max_steps=200]          # extra `md4 fit` arguments of every trial
+    args: [--trainer.max_steps=200]          # extra `md4 fit` arguments of every trial (a list)
     search_space:
       dropout: {type: categorical, choices: [0.05, 0.02, 0.0], arg: model.init_args.network.dropout}
       lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true, arg: model.init_args.optim.lr}
@@ -17,22 +17,34 @@ A study is a YAML file (see ``sweeps/studies/*.yaml``)::
     n_trials: null                          # a grid study runs its grid once
     objectives: [{metric: val/nelbo, direction: minimize}]
     report_metrics: []                      # more logged metrics for the results table
-    launcher: {kind: torchrun, devices: 2, num_nodes: 1}   # python, torchrun or srun
-    storage: null                           # default sqlite:///<study_dir>/study.db
+    launcher: {kind: torchrun, devices: 2, num_nodes: 1, ddp_timeout_s: 600}   # python, torchrun or srun
+    storage: null                           # default sqlite:///<study_dir>/study.db; env:NAME reads the URL
+                                            # from environment variable NAME (the only way to pass a password)
     study_dir: null                         # default runs/sweeps/<name>
     heartbeat: {interval: 60, grace_period: 180}
     max_retry: 2                            # reruns of a trial whose worker died
+    limits: {wall_clock_s: null, no_progress_s: null, kill_grace_s: 30}
+    failures: {max_consecutive: 5, max_infra_retries: 3}
 
-Every key is checked: an unknown or misspelt key is a :class:`StudyError` naming it.
+Every key is checked before anything runs: an unknown key, a value of the wrong type (``args:`` as a
+string, ``n_trials: "5"``) or out of range (``devices: 0``, ``max_retry: -1``, a heartbeat interval
+not below its grace period) is a one-line :class:`StudyError` ``<file>: <key>: <problem>``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
-from dataclasses import dataclass, field, fields
+import os
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import optuna
 import yaml
@@ -42,19 +54,101 @@ SAMPLERS = ("grid", "tpe", "cmaes", "nsga2", "random")
 PRUNERS = ("median", "hyperband", "threshold", "none")
 LAUNCHERS = ("python", "torchrun", "srun")
 PARAM_TYPES = ("categorical", "int", "float")
+ENV_STORAGE = "env:"  # storage: env:NAME -- the URL is in environment variable NAME
+FINGERPRINT_ATTR = "study_file_fingerprint"  # study user attributes written on creation
+SPEC_ATTR = "study_file"
+SECRET_QUERY_KEYS = ("password", "passwd", "pwd", "token", "secret")
 
 
 class StudyError(ValueError):
-    """A study file that cannot be run as written."""
+    """A study file that cannot be run as written. The message is always one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+# -- type checks ---------------------------------------------------------------------------------
+# Plain dataclass validation rather than jsonargparse: jsonargparse reports a bad nested value as
+# a multi-line tree of every union alternative it tried, while a study file's error must be one line
+# naming the study-file key (``launcher.devices``, ``search_space.lr.low``).
+TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path",
+              list: "a list", dict: "a mapping"}
+T = TypeVar("T")
+
+
+def _type_word(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_word(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_word(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return TYPE_WORDS.get(origin or hint, str(hint))
+
+
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """``value`` of study-file key ``key`` checked against the type ``hint`` (ints read as floats where a
+    float is expected); anything else is a :class:`StudyError` naming the key."""
+    if hint is Any:
+        return value
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _typed(key, value, option)
+            except StudyError:
+                continue
+    elif origin is list and isinstance(value, list):
+        return [_typed(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    elif origin is dict and isinstance(value, dict):
+        return {_typed(key, k, args[0]): _typed(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    elif hint is bool and isinstance(value, bool):
+        return value
+    elif hint in (int, float) and isinstance(value, int) and not isinstance(value, bool):
+        return hint(value)
+    elif hint is float and isinstance(value, float):
+        return value
+    elif hint in (str, Path) and isinstance(value, str):
+        return hint(value)
+    raise StudyError(f"{key}: expected {_type_word(hint)}, got {type(value).__name__} {value!r}")
 
 
 def _check_keys(where: str, given: dict[str, Any], allowed: set[str], required: set[str] = frozenset()) -> None:
-    unknown = sorted(set(given) - allowed)
+    """Unknown and missing keys of the mapping at ``where`` (``""``: the top level of the file)."""
+    prefix = f"{where}: " if where else ""
+    unknown = sorted(set(given) - allowed, key=str)
     if unknown:
-        raise StudyError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}")
+        raise StudyError(f"{prefix}unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}")
     missing = sorted(required - set(given))
     if missing:
-        raise StudyError(f"{where}: missing key {missing[0]!r}")
+        raise StudyError(f"{prefix}missing key {missing[0]!r}")
+
+
+def _mapping(key: str, raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise StudyError(f"{key}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    return raw
+
+
+def _section(cls: type[T], key: str, raw: Any, **known: Any) -> T:
+    """The dataclass ``cls`` of the study-file mapping at ``key``: keys and types checked, then its
+    ``validate`` (ranges). ``known`` are fields that do not come from the mapping."""
+    raw = _mapping(key, raw)
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)} - set(known)
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING} - set(known)
+    _check_keys(key, raw, names, required)
+    section = cls(**known, **{k: _typed(f"{key}.{k}", v, hints[k]) for k, v in raw.items()})
+    section.validate(key)
+    return section
+
+
+def _at_least(key: str, value: float | None, low: float, strict: bool = False) -> None:
+    if value is not None and (value <= low if strict else value < low):
+        raise StudyError(f"{key}: must be {'above' if strict else 'at least'} {low:g}, got {value:g}")
 
 
 def cli_value(value: Any) -> str:
@@ -66,6 +160,7 @@ def cli_value(value: Any) -> str:
     return str(value)
 
 
+# -- the sections of a study file ----------------------------------------------------------------
 @dataclass
 class Param:
     """One dimension of the search space.
@@ -86,26 +181,34 @@ class Param:
 
     @classmethod
     def parse(cls, name: str, raw: Any) -> Param:
-        where = f"search_space.{name}"
-        if not isinstance(raw, dict):
-            raise StudyError(f"{where}: expected a mapping with a 'type', got {raw!r}")
-        _check_keys(where, raw, {f.name for f in fields(cls)} - {"name"}, {"type"})
-        param = cls(name=name, **raw)
-        if param.type not in PARAM_TYPES:
-            raise StudyError(f"{where}.type: {param.type!r} is not one of {', '.join(PARAM_TYPES)}")
-        if param.type == "categorical":
-            if not param.choices:
+        if not isinstance(name, str):
+            raise StudyError(f"search_space: parameter name {name!r} is not a string")
+        return _section(cls, f"search_space.{name}", raw, name=name)
+
+    def validate(self, where: str) -> None:
+        if self.type not in PARAM_TYPES:
+            raise StudyError(f"{where}.type: {self.type!r} is not one of {', '.join(PARAM_TYPES)}")
+        if self.type == "categorical":
+            if not self.choices:
                 raise StudyError(f"{where}: a categorical parameter needs a non-empty 'choices' list")
-            if param.args is not None:
-                missing = [c for c in param.choices if cli_value(c) not in param.args]
+            for i, choice in enumerate(self.choices):
+                if not (choice is None or isinstance(choice, (bool, int, float, str))):
+                    raise StudyError(f"{where}.choices[{i}]: expected a number, string, true/false or null, "
+                                     f"got {type(choice).__name__} {choice!r}")
+            if self.args is not None:
+                missing = [c for c in self.choices if cli_value(c) not in self.args]
                 if missing:
                     raise StudyError(f"{where}.args: no arguments for choice {missing[0]!r}")
-        elif param.low is None or param.high is None:
-            raise StudyError(f"{where}: an {param.type} parameter needs 'low' and 'high'")
-        if param.args is not None and param.type != "categorical":
+        elif self.low is None or self.high is None:
+            raise StudyError(f"{where}: an {self.type} parameter needs 'low' and 'high'")
+        if self.args is not None and self.type != "categorical":
             raise StudyError(f"{where}: 'args' (arguments per choice) is only for categorical parameters")
-        param.check()
-        return param
+        if self.type == "int":
+            for key in ("low", "high", "step"):
+                value = getattr(self, key)
+                if value is not None and not float(value).is_integer():
+                    raise StudyError(f"{where}.{key}: an int parameter needs an integer, got {value!r}")
+        self.check()
 
     def check(self) -> None:
         """Raise a :class:`StudyError` if Optuna would reject the range."""
@@ -133,21 +236,49 @@ class Param:
         count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
         return [self.low + i * step if self.type == "float" else int(self.low + i * step) for i in range(count)]
 
+    def ends(self) -> list[Any]:
+        """Values that bound what a sampler may draw: every choice, or both ends of the range."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "float":
+            return [self.low, self.high]
+        step = int(self.step or 1)
+        return [int(self.low), int(self.low) + (int(self.high) - int(self.low)) // step * step]
+
 
 @dataclass
 class Objective:
     metric: str = "val/nelbo"
     direction: str = "minimize"
 
+    def validate(self, where: str) -> None:
+        if not self.metric:
+            raise StudyError(f"{where}.metric: empty metric name")
+        if self.direction not in ("minimize", "maximize"):
+            raise StudyError(f"{where}.direction: must be minimize or maximize, got {self.direction!r}")
+
 
 @dataclass
 class Launcher:
     """How a trial's training run starts: ``python`` (one process; Lightning starts the other
-    devices), ``torchrun`` (one node, ``devices`` processes) or ``srun`` (SLURM, any nodes)."""
+    devices), ``torchrun`` (one node, ``devices`` processes) or ``srun`` (SLURM, any nodes).
+    ``ddp_timeout_s`` is the trial's collective timeout, short so that ranks whose peer died exit
+    instead of waiting Lightning's default 30 minutes."""
 
     kind: str = "python"
     devices: int = 1
     num_nodes: int = 1
+    ddp_timeout_s: int = 600
+
+    def validate(self, where: str) -> None:
+        if self.kind not in LAUNCHERS:
+            raise StudyError(f"{where}.kind: {self.kind!r} is not one of {', '.join(LAUNCHERS)}")
+        _at_least(f"{where}.devices", self.devices, 1)
+        _at_least(f"{where}.num_nodes", self.num_nodes, 1)
+        _at_least(f"{where}.ddp_timeout_s", self.ddp_timeout_s, 1)
+        if self.kind != "srun" and self.num_nodes > 1:
+            raise StudyError(f"{where}.num_nodes: {self.num_nodes} needs launcher.kind srun "
+                             f"(a worker starts trials on its own node only)")
 
 
 @dataclass
@@ -157,6 +288,40 @@ class Heartbeat:
 
     interval: int = 60
     grace_period: int = 180
+
+    def validate(self, where: str) -> None:
+        _at_least(f"{where}.interval", self.interval, 1)
+        if self.grace_period <= self.interval:
+            # A healthy worker beats every interval: a grace period not above it fails live trials.
+            raise StudyError(f"{where}.grace_period: must be above heartbeat.interval ({self.interval}), "
+                             f"got {self.grace_period}")
+
+
+@dataclass
+class Limits:
+    """Per-trial limits (seconds): ``wall_clock_s`` for the whole run, ``no_progress_s`` without a new
+    training step (a hung run), and ``kill_grace_s`` between terminating a trial and killing it."""
+
+    wall_clock_s: float | None = None
+    no_progress_s: float | None = None
+    kill_grace_s: float = 30.0
+
+    def validate(self, where: str) -> None:
+        for f in fields(self):
+            _at_least(f"{where}.{f.name}", getattr(self, f.name), 0, strict=True)
+
+
+@dataclass
+class Failures:
+    """Failure policy: stop the study after ``max_consecutive`` failed trials in a row; rerun a trial
+    killed by the infrastructure (signal, lost node, NCCL) at most ``max_infra_retries`` times."""
+
+    max_consecutive: int = 5
+    max_infra_retries: int = 3
+
+    def validate(self, where: str) -> None:
+        _at_least(f"{where}.max_consecutive", self.max_consecutive, 1)
+        _at_least(f"{where}.max_infra_retries", self.max_infra_retries, 0)
 
 
 @dataclass
@@ -175,6 +340,8 @@ class StudySpec:
     study_dir: Path | None = None
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     max_retry: int = 2
+    limits: Limits = field(default_factory=Limits)
+    failures: Failures = field(default_factory=Failures)
 
     @property
     def multi_objective(self) -> bool:
@@ -186,7 +353,20 @@ class StudySpec:
         values = [self.search_space[n].grid_values() for n in names]
         return [dict(zip(names, combo)) for combo in itertools.product(*values)]
 
+    def check_points(self) -> list[dict[str, Any]]:
+        """The parameter sets ``md4-sweep check`` builds: the whole grid of a grid study; for other
+        samplers every parameter at each of its ends (every choice, or low and high) with the others
+        at their first, i.e. each value a sampler can reach at the edge of its range."""
+        if self.sampler["name"] == "grid":
+            return self.grid()
+        first = {name: p.ends()[0] for name, p in self.search_space.items()}
+        points = [first]
+        for name, p in self.search_space.items():
+            points += [{**first, name: v} for v in p.ends()[1:]]
+        return points
 
+
+# -- reading a study file ------------------------------------------------------------------------
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> StudySpec:
     """Read and check a study file; ``overrides`` (e.g. from the command line) replace its keys, ``None`` ones
     left out."""
@@ -194,9 +374,13 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
     if not path.is_file():
         raise StudyError(f"study file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise StudyError(f"{path} is not valid YAML: {err}") from None
+        raise StudyError(f"{path}: not valid YAML: {err}") from None
+    try:
+        raw = _mapping("study file", raw)
+    except StudyError as err:
+        raise StudyError(f"{path}: {err}") from None
     for key, value in (overrides or {}).items():
         if isinstance(value, dict):  # merged one level deep, e.g. {"launcher": {"devices": 8}}
             value = {**(raw.get(key) or {}), **{k: v for k, v in value.items() if v is not None}}
@@ -206,55 +390,193 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
 
 
 def parse_spec(raw: dict[str, Any], base_dir: Path, where: str = "study") -> StudySpec:
-    _check_keys(where, raw, {f.name for f in fields(StudySpec)}, {"name", "base_configs", "search_space"})
-    configs = [c if Path(c).is_absolute() else base_dir / c for c in raw["base_configs"]]
-    for config in configs:
-        if not Path(config).is_file():
-            raise StudyError(f"{where}: base config {config} does not exist")
-    space = {name: Param.parse(name, p) for name, p in (raw["search_space"] or {}).items()}
+    """The checked spec of a study file's mapping; every error is ``<where>: <key>: <problem>``."""
+    try:
+        return _parse(raw, base_dir)
+    except StudyError as err:
+        raise StudyError(f"{where}: {redact_secrets(str(err))}") from None
+
+
+def _parse(raw: dict[str, Any], base_dir: Path) -> StudySpec:
+    hints = get_type_hints(StudySpec)
+    _check_keys("", raw, {f.name for f in fields(StudySpec)}, {"name", "base_configs", "search_space"})
+    name = _typed("name", raw["name"], str)
+    if not name:
+        raise StudyError("name: empty study name")
+    configs = [c if c.is_absolute() else base_dir / c for c in _typed("base_configs", raw["base_configs"], list[Path])]
+    for i, config in enumerate(configs):
+        if not config.is_file():
+            raise StudyError(f"base_configs[{i}]: {config} does not exist")
+    space = {n: Param.parse(n, p) for n, p in _mapping("search_space", raw["search_space"]).items()}
     if not space:
-        raise StudyError(f"{where}: search_space is empty")
-    sampler = dict(raw.get("sampler") or {"name": "tpe"})
-    pruner = dict(raw.get("pruner") or {"name": "median"})
+        raise StudyError("search_space: is empty")
+    sampler = _typed("sampler", raw.get("sampler") or {"name": "tpe"}, hints["sampler"])
+    pruner = _typed("pruner", raw.get("pruner") or {"name": "median"}, hints["pruner"])
     if sampler.get("name") not in SAMPLERS:
-        raise StudyError(f"{where}: sampler.name {sampler.get('name')!r} is not one of {', '.join(SAMPLERS)}")
+        raise StudyError(f"sampler.name {sampler.get('name')!r} is not one of {', '.join(SAMPLERS)}")
     if pruner.get("name") not in PRUNERS:
-        raise StudyError(f"{where}: pruner.name {pruner.get('name')!r} is not one of {', '.join(PRUNERS)}")
-    objectives = []
-    for i, obj in enumerate(raw.get("objectives") or [{}]):
-        _check_keys(f"{where}: objectives[{i}]", obj, {"metric", "direction"})
-        objectives.append(Objective(**obj))
-        if objectives[-1].direction not in ("minimize", "maximize"):
-            raise StudyError(f"{where}: objectives[{i}].direction must be minimize or maximize")
-    launcher_raw = raw.get("launcher") or {}
-    _check_keys(f"{where}: launcher", launcher_raw, {f.name for f in fields(Launcher)})
-    launcher = Launcher(**launcher_raw)
-    if launcher.kind not in LAUNCHERS:
-        raise StudyError(f"{where}: launcher.kind {launcher.kind!r} is not one of {', '.join(LAUNCHERS)}")
-    if launcher.kind != "srun" and launcher.num_nodes > 1:
-        raise StudyError(f"{where}: launcher.num_nodes {launcher.num_nodes} needs launcher.kind srun "
-                         f"(a worker starts trials on its own node only)")
-    heartbeat_raw = raw.get("heartbeat") or {}
-    _check_keys(f"{where}: heartbeat", heartbeat_raw, {f.name for f in fields(Heartbeat)})
+        raise StudyError(f"pruner.name {pruner.get('name')!r} is not one of {', '.join(PRUNERS)}")
+    objectives_raw = _typed("objectives", raw.get("objectives") or [{}], list[Any])
+    storage = _typed("storage", raw.get("storage"), hints["storage"])
+    check_storage(storage)
     spec = StudySpec(
-        name=str(raw["name"]), base_configs=[Path(c) for c in configs], search_space=space,
-        args=[str(a) for a in raw.get("args") or []], sampler=sampler, pruner=pruner,
-        n_trials=raw.get("n_trials"), objectives=objectives, report_metrics=list(raw.get("report_metrics") or []),
-        launcher=launcher, storage=raw.get("storage"),
-        study_dir=Path(raw["study_dir"]) if raw.get("study_dir") else None,
-        heartbeat=Heartbeat(**heartbeat_raw), max_retry=int(raw.get("max_retry", 2)))
+        name=name, base_configs=configs, search_space=space,
+        args=_typed("args", raw.get("args") or [], hints["args"]), sampler=sampler, pruner=pruner,
+        n_trials=_typed("n_trials", raw.get("n_trials"), hints["n_trials"]),
+        objectives=[_section(Objective, f"objectives[{i}]", o) for i, o in enumerate(objectives_raw)],
+        report_metrics=_typed("report_metrics", raw.get("report_metrics") or [], hints["report_metrics"]),
+        launcher=_section(Launcher, "launcher", raw.get("launcher")), storage=storage,
+        study_dir=_typed("study_dir", raw.get("study_dir"), hints["study_dir"]),
+        heartbeat=_section(Heartbeat, "heartbeat", raw.get("heartbeat")),
+        max_retry=_typed("max_retry", raw.get("max_retry", 2), hints["max_retry"]),
+        limits=_section(Limits, "limits", raw.get("limits")),
+        failures=_section(Failures, "failures", raw.get("failures")))
+    _at_least("max_retry", spec.max_retry, 0)
     if spec.multi_objective and pruner["name"] != "none":
-        raise StudyError(f"{where}: Optuna cannot prune multi-objective trials; set pruner: {{name: none}}")
+        raise StudyError("pruner: Optuna cannot prune multi-objective trials; set pruner: {name: none}")
     if sampler["name"] == "grid":
         size = len(spec.grid())
         if spec.n_trials not in (None, size):
-            raise StudyError(f"{where}: a grid study runs its {size} points once; drop n_trials or set it to {size}")
+            raise StudyError(f"n_trials: a grid study runs its {size} points once; drop n_trials or set it to {size}")
         spec.n_trials = size
     elif spec.n_trials is None or spec.n_trials < 1:
-        raise StudyError(f"{where}: n_trials must be a positive number for sampler {sampler['name']}")
+        raise StudyError(f"n_trials: must be a positive integer for sampler {sampler['name']}, got {spec.n_trials}")
+    make_sampler(spec)  # the samplers' and pruners' own keyword checks, before anything runs
+    make_pruner(spec)
     if spec.study_dir is None:
         spec.study_dir = Path("runs") / "sweeps" / spec.name
     return spec
+
+
+def check_objective_metric(metric: str, logged: Mapping[str, Any]) -> None:
+    """Raise a one-line :class:`StudyError` if the objective ``metric`` is not among the ``logged``
+    metrics (a trial's ``trainer.callback_metrics`` at its first validation), so that a misspelt
+    objective fails the first trial at its first validation instead of after training."""
+    if metric not in logged:
+        raise StudyError(f"objectives: metric {metric!r} was not logged at the first validation; "
+                         f"logged: {', '.join(sorted(logged)) or 'nothing'}")
+
+
+# -- storage URLs and their secrets --------------------------------------------------------------
+def redact_url(url: str) -> str:
+    """``url`` with its password (and password/token query values) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL urllib can split (a bad port): hide everything after the scheme
+        return url.split("://", 1)[0] + "://***" if "://" in url else url
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in SECRET_QUERY_KEYS for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs], safe="*")
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+URL_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with every URL in it redacted (:func:`redact_url`): for messages and saved files."""
+    return URL_PATTERN.sub(lambda m: redact_url(m.group(0)), text)
+
+
+def check_storage(storage: str | None) -> None:
+    """A storage URL may not hold a password: it would be printed, stored in trials and saved in every
+    run's config. Such a URL goes through the environment: ``storage: env:NAME``."""
+    if storage is None:
+        return
+    if storage.startswith(ENV_STORAGE):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", storage[len(ENV_STORAGE):]):
+            raise StudyError(f"storage: {storage!r} needs an environment variable name after env:")
+        return
+    if redact_url(storage) != storage:
+        raise StudyError(f"storage: the URL {redact_url(storage)} holds a password; export it in an environment "
+                         f"variable (e.g. OPTUNA_STORAGE) and write storage: env:OPTUNA_STORAGE")
+
+
+def resolve_storage(url: str) -> str:
+    """The storage URL itself: ``env:NAME`` read from the environment, anything else as given.
+
+    Call it only where the storage is opened, and never print or store its result."""
+    if not url.startswith(ENV_STORAGE):
+        return url
+    variable = url[len(ENV_STORAGE):]
+    value = os.environ.get(variable)
+    if not value:
+        raise StudyError(f"storage: environment variable {variable} (storage: {url}) is not set")
+    return value
+
+
+# -- the fingerprint of a study file -------------------------------------------------------------
+# Where a study runs (storage, study_dir, launcher) may differ between workers; what it runs may not.
+WHERE_KEYS = ("storage", "study_dir", "launcher")
+
+
+def normalised(spec: StudySpec) -> dict[str, Any]:
+    """What a study file says its trials run, as plain JSON values: the parsed spec (defaults filled,
+    so formatting, comments and spelt-out defaults do not count) without where it runs, and the base
+    configs by their parsed contents (a changed base config changes the trials; its path may not)."""
+    def plain(value: Any) -> Any:
+        if hasattr(value, "__dataclass_fields__"):
+            return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    spec_dict = {k: v for k, v in plain(spec).items() if k not in WHERE_KEYS}
+    spec_dict["base_configs"] = [_digest(yaml.safe_load(Path(c).read_text())) for c in spec.base_configs]
+    return spec_dict
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def fingerprint(spec: StudySpec) -> str:
+    """sha256 of :func:`normalised` ``spec``."""
+    return _digest(normalised(spec))
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}.{key}" if prefix else key).items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}[{i}]").items()} or {prefix: []}
+    return {prefix: value}
+
+
+def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two :func:`normalised` specs."""
+    old_flat, new_flat = _flat(old), _flat(new)
+    return sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k, MISSING) != new_flat.get(k, MISSING))
+
+
+def check_fingerprint(study: optuna.Study, spec: StudySpec) -> None:
+    """Record the study file's fingerprint in a new study; refuse a worker whose file differs from it.
+
+    The first worker writes :data:`FINGERPRINT_ATTR` and the normalised spec (:data:`SPEC_ATTR`, which
+    names the changed keys later) into the study's user attributes."""
+    digest, spec_dict = fingerprint(spec), normalised(spec)
+    stored = study.user_attrs.get(FINGERPRINT_ATTR)
+    if stored is None:
+        study.set_user_attr(SPEC_ATTR, spec_dict)
+        study.set_user_attr(FINGERPRINT_ATTR, digest)
+        return
+    if stored != digest:
+        keys = differing_keys(study.user_attrs.get(SPEC_ATTR) or {}, spec_dict)
+        shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        raise StudyError(f"study {spec.name!r} was created from another version of this study file "
+                         f"(differs in: {shown or 'unknown keys'}); restore the file it was created with, "
+                         f"or start a new study (another name: or --name)")
 
 
 class AskTellGridSampler(optuna.samplers.GridSampler):
