@@ -81,14 +81,17 @@ def main(argv: list[str] | None = None) -> None:
             print(check(spec, args.study))
             return
         if spec.storage is not None:
-            resolve_storage(spec.storage)  # an unset env:NAME is a study-file error, before any trial
+            resolve_storage(spec.storage)  # an unset env:NAME is a study-file error, before any storage or trial
         from sweeps.report import write_report
         from sweeps.worker import open_study, run_worker
 
         study = run_worker(spec) if args.command == "run" else open_study(spec)
         print(redact_secrets(write_report(study, spec)))
     except StudyError as err:
-        print(f"md4-sweep: error: {redact_secrets(str(err))}", file=sys.stderr)
+        message = redact_secrets(str(err))
+        if not message.startswith(f"{args.study}: "):  # e.g. from the storage: still <file>: <key>: <problem>
+            message = f"{args.study}: {message}"
+        print(f"md4-sweep: error: {message}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
 
 

@@ -94,7 +94,10 @@ def _typed(key: str, value: Any, hint: Any) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # ``X | None``: the error about X is the specific one
+            return _typed(key, value, options[0])
+        for option in options:
             try:
                 return _typed(key, value, option)
             except StudyError:
@@ -372,7 +375,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Stud
     left out."""
     path = Path(path)
     if not path.is_file():
-        raise StudyError(f"study file {path} does not exist")
+        raise StudyError(f"{path}: no such study file")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -602,8 +605,8 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
         cls = {"tpe": optuna.samplers.TPESampler, "cmaes": optuna.samplers.CmaEsSampler,
                "nsga2": optuna.samplers.NSGAIISampler, "random": optuna.samplers.RandomSampler}[name]
         return cls(**kwargs)
-    except TypeError as err:
-        raise StudyError(f"sampler {name}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise StudyError(f"sampler: {name}: {err}") from None
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -618,5 +621,5 @@ def build_pruner(config: dict[str, Any]) -> optuna.pruners.BasePruner:
            "threshold": optuna.pruners.ThresholdPruner, "none": optuna.pruners.NopPruner}[name]
     try:
         return cls(**kwargs)
-    except TypeError as err:
-        raise StudyError(f"pruner {name}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise StudyError(f"pruner: {name}: {err}") from None
