@@ -6,11 +6,19 @@ once per epoch, and under DDP accepts only RDB storages, passing the prune decis
 ranks through the storage's system attributes. Here the training run gets the trial's storage id,
 rank 0 alone talks to the storage (any kind, journal included) at every validation, and the
 decision reaches the other ranks by ``strategy.broadcast``, so all ranks stop at the same step.
+
+Rank 0 also keeps ``progress.json`` (the step, at most every ``PROGRESS_EVERY_S`` seconds) for the
+worker's no-progress limit, and a report that the storage refuses never stops the training: a
+storage error is retried, and a trial already finished (failed as stale while its worker was
+paused) is reported no more; the worker then gives the result to the trial's rerun.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +28,34 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from sweeps.spec import build_pruner
-from sweeps.storage import open_storage
+from sweeps.storage import open_storage, retrying
+
+PROGRESS_EVERY_S = 1.0  # rank 0 writes progress.json at most this often
 
 
 def result_path(trial_dir: Path, rank: int) -> Path:
     return Path(trial_dir) / f"result.rank{rank}.json"
+
+
+def progress_path(trial_dir: Path) -> Path:
+    return Path(trial_dir) / "progress.json"
+
+
+def read_progress(trial_dir: Path) -> dict[str, Any]:
+    """The run's last progress record (``step``, ``start_step``: where this attempt began, ``time``);
+    empty before the first one."""
+    try:
+        return json.loads(progress_path(trial_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_progress(trial_dir: Path, record: dict[str, Any]) -> None:
+    """Replace ``progress.json`` atomically (the worker may read it at any moment)."""
+    path = progress_path(trial_dir)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
 
 
 class OptunaTrial(pl.Callback):
@@ -56,20 +87,52 @@ class OptunaTrial(pl.Callback):
         self.hparam_metrics = hparam_metrics or ([metric] if metric else [])
         self.pruned = False
         self._trial: optuna.trial.Trial | None = None
+        self._start_step = 0
+        self._last_progress = -float("inf")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.is_global_zero and self.metric is not None:
-            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage),
-                                      pruner=build_pruner(self.pruner))
+            study = retrying(lambda: optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage),
+                                                       pruner=build_pruner(self.pruner)))
             self._trial = optuna.trial.Trial(study, self.trial_id)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_step = trainer.global_step  # after a resume, the checkpoint's step
+        self._record_progress(trainer, force=True)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._record_progress(trainer)
+
+    def _record_progress(self, trainer: pl.Trainer, force: bool = False) -> None:
+        now = time.monotonic()
+        if trainer.is_global_zero and (force or now - self._last_progress >= PROGRESS_EVERY_S):
+            self.trial_dir.mkdir(parents=True, exist_ok=True)
+            write_progress(self.trial_dir, {"step": trainer.global_step, "start_step": self._start_step,
+                                            "time": time.time()})
+            self._last_progress = now
+
+    def _report(self, value: float, step: int) -> bool:
+        """Report to the trial and ask the pruner; False (and no more reports) when the trial is finished."""
+        try:
+            return retrying(lambda: (self._trial.report(value, step), self._trial.should_prune())[1])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            print(f"md4-sweep: trial id {self.trial_id} is already finished (failed as stale while its worker did "
+                  "not beat); training on without reports, the worker gives the result to its rerun",
+                  file=sys.stderr, flush=True)
+        except Exception as err:  # the storage's own errors: skip this report, never the training
+            print(f"md4-sweep: report at step {step} not recorded: {type(err).__name__}: {err}", file=sys.stderr,
+                  flush=True)
+            return False
+        self._trial = None
+        return False
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.metric is None:
             return
         prune = False
-        if trainer.is_global_zero and self.metric in trainer.callback_metrics:
-            self._trial.report(float(trainer.callback_metrics[self.metric]), trainer.global_step)
-            prune = self._trial.should_prune()
+        if trainer.is_global_zero and self._trial is not None and self.metric in trainer.callback_metrics:
+            prune = self._report(float(trainer.callback_metrics[self.metric]), trainer.global_step)
         # One decision for all ranks: a rank that stopped alone would hang the others' collectives.
         if trainer.strategy.broadcast(prune, src=0):
             self.pruned = True
@@ -79,7 +142,8 @@ class OptunaTrial(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}
         self.trial_dir.mkdir(parents=True, exist_ok=True)
-        result = {"pruned": self.pruned, "step": trainer.global_step, "metrics": metrics}
+        result = {"pruned": self.pruned, "step": trainer.global_step, "start_step": self._start_step,
+                  "metrics": metrics}
         result_path(self.trial_dir, trainer.global_rank).write_text(json.dumps(result, indent=1))
         if trainer.is_global_zero:
             for logger in trainer.loggers:

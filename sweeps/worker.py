@@ -7,24 +7,53 @@ ask/tell interface and runs every trial as a separate ``md4 fit`` launched with 
 
 - a trial is asked, run and told by one worker; trial numbers come from the storage, and Optuna's
   ``GridSampler`` gives grid point ``k`` to trial number ``k``, so workers never run the same point;
-- while a trial runs its worker beats (:mod:`sweeps.storage`); a trial whose worker died is failed
-  by whichever worker notices first and re-queued once as a WAITING copy, which the next ``ask``
-  picks up, so a crash loses nothing and duplicates nothing;
-- a training run that fails is told FAIL with the tail of its stderr in the ``error`` user
-  attribute, and counts as one of the study's ``n_trials`` (it is recorded, not retried).
+- while a trial runs its worker beats (:mod:`sweeps.storage`, retried with backoff); a trial whose
+  worker died is failed by whichever worker notices first and re-queued as a WAITING copy, which
+  the next ``ask`` picks up, so a crash loses nothing and duplicates nothing.
+
+Resume, never restart: a rerun uses the folder of the trial it reruns (``trial_<original>``), and
+every trial runs ``md4 fit ... --ckpt_path last`` with a checkpoint every
+``CHECKPOINT_INTERVAL_S`` seconds (``resume/``, removed once the trial is told COMPLETE or
+PRUNED), so a rerun goes on from the newest checkpoint with the earlier intermediate values.
+A folder is locked (``.lock``, held by the worker and the trial's first process) so that two
+attempts never train in it at once; an attempt that finds a finished run's result there tells it
+instead of training again.
+
+Supervision: each trial is its own process group (session) whose first process gets SIGTERM when
+the worker dies (``PR_SET_DEATHSIG``; ``md4 fit`` then saves ``last.ckpt`` and exits 143); on a
+limit (``limits.wall_clock_s``, ``limits.no_progress_s`` without a new training step) or when the
+worker stops, the trial's processes get SIGTERM, then SIGKILL after ``limits.kill_grace_s``. No
+wait on a child is without a timeout.
+
+Failure policy (:func:`failure_kind`): a preempted run (exit 143, checkpoint saved, steps made) is
+requeued; an infrastructure failure (killed by a signal, NCCL/gloo/rendezvous errors, lost node, a
+hang) is requeued at most ``failures.max_infra_retries`` times; a training error (NaN, a config
+error ``md4: error``, any other exception) and a wall-clock limit are final. A study whose last
+``failures.max_consecutive`` told attempts failed stops every worker with the most common error;
+:func:`retry_failed` queues the final failures again.
 
 A worker returns when the study holds ``n_trials`` trials and none is still running or waiting.
 """
 
 from __future__ import annotations
 
+import collections
+import ctypes
+import ctypes.util
+import fcntl
 import json
 import os
 import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +61,54 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeps.callback import OptunaTrial, result_path
+from lightning_md4.checkpointing import PREEMPTED_EXIT_CODE
+from sweeps.callback import OptunaTrial, read_progress, result_path
 from sweeps.spec import StudyError, StudySpec, make_pruner, make_sampler
-from sweeps.storage import absolute_storage, fail_stale_trials, open_storage, record_heartbeat
+from sweeps.storage import absolute_storage, beat_with_retry, fail_stale_trials, open_storage, requeue
 
 # The worker records heartbeats itself (Optuna starts its heartbeat thread only in optimize).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 SURPLUS = "surplus"  # user attribute of a trial asked after the study was already full
 ERROR_TAIL = 4000  # characters of a failed run's stderr kept in the trial
+FAILURE = "failure"  # user attribute of a told FAIL: its kind (see failure_kind)
+STREAK_SINCE = "failure_streak_since"  # study user attribute: failures before it no longer stop the study
+CHECKPOINT_INTERVAL_S = 600.0  # a sweep trial's resume checkpoint, every this many seconds of training
+RESUME_DIR = "resume"  # that checkpoint's folder in the trial's folder
+LOCK_FILE = ".lock"
+WORKER_INDEX_ENV = "MD4_SWEEP_WORKER"  # i: this worker's trials use GPUs [i * devices, (i + 1) * devices)
+KILL_WAIT_S = 10.0  # after SIGKILL: how long to wait for the processes to be gone
+# An infrastructure failure, as the run's stderr names it (a rank or node lost, collectives broken).
+INFRA_MARKERS = ("NCCL", "ncclInternalError", "Watchdog caught collective operation timeout", "RendezvousError",
+                 "RendezvousTimeoutError", "DistNetworkError", "DistStoreError", "Connection closed by peer",
+                 "Connection reset by peer", "Node failure", "NODE_FAIL", "Job step aborted",
+                 "uncorrectable ECC error", "CUDA error: unknown error")
+# A training error: rerunning the same parameters fails the same way.
+TRAINING_MARKERS = ("FloatingPointError", "md4: error")
+NO_PROGRESS, WALL_CLOCK, WORKER_STOPPED = "md4-sweep: no progress", "md4-sweep: wall-clock limit", "md4-sweep: worker stopped"
+TRAINING, INFRA, LIMIT, PREEMPTED, STOPPED, LATE = "training", "infra", "limit", "preempted", "stopped", "late"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The study's supervision and failure settings (seconds, counts)."""
+
+    wall_clock_s: float | None = None
+    no_progress_s: float | None = None
+    kill_grace_s: float = 30.0
+    max_consecutive: int = 5
+    max_infra_retries: int = 3
+    ddp_timeout_s: int = 600
+
+    @classmethod
+    def of(cls, spec: StudySpec) -> Policy:
+        limits, failures = getattr(spec, "limits", cls()), getattr(spec, "failures", cls())
+        return cls(limits.wall_clock_s, limits.no_progress_s, limits.kill_grace_s, failures.max_consecutive,
+                   failures.max_infra_retries, getattr(spec.launcher, "ddp_timeout_s", cls.ddp_timeout_s))
+
+    def retry_limit(self, kind: str) -> int | None:
+        """Reruns allowed for a failure of ``kind`` (None: unbounded)."""
+        return {INFRA: self.max_infra_retries, PREEMPTED: None, STOPPED: None}.get(kind, 0)
 
 
 def storage_url(spec: StudySpec) -> str:
@@ -68,14 +136,20 @@ def counted_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def run_worker(spec: StudySpec, poll: float | None = None) -> optuna.Study:
-    """Run trials until the study is complete; returns the study."""
+    """Run trials until the study is complete; returns the study.
+
+    Raises :class:`StudyError` when the study's last ``failures.max_consecutive`` attempts failed.
+    """
     study = open_study(spec)
     poll = spec.heartbeat.interval if poll is None else poll
+    env = trial_environment(spec, os.environ)
     while True:
         fail_stale_trials(study, spec.heartbeat.grace_period, spec.max_retry)
-        counted = counted_trials(study.get_trials(deepcopy=False))
+        trials = study.get_trials(deepcopy=False)
+        check_failure_streak(study, trials, Policy.of(spec).max_consecutive)
+        counted = counted_trials(trials)
         if len(counted) < spec.n_trials or any(t.state == TrialState.WAITING for t in counted):
-            run_trial(spec, study)
+            run_trial(spec, study, env)
         elif any(t.state == TrialState.RUNNING for t in counted):
             time.sleep(poll)  # another worker's trial: wait, in case its worker dies and it needs a rerun
         else:
@@ -96,7 +170,12 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
 
 
 def build_command(spec: StudySpec, trial: optuna.Trial, params: dict[str, Any], trial_dir: Path) -> list[str]:
-    """The ``md4 fit`` command line of one trial, with its launcher in front."""
+    """The ``md4 fit`` command line of one trial, with its launcher in front.
+
+    Every trial resumes (``--ckpt_path last``: a fresh folder simply starts) and checkpoints into
+    ``trial_dir/resume`` every ``CHECKPOINT_INTERVAL_S`` seconds; a multi-process trial's
+    collectives time out after ``launcher.ddp_timeout_s``.
+    """
     launcher = spec.launcher
     fit = ["-m", "lightning_md4.cli", "fit"]
     for config in spec.base_configs:
@@ -107,34 +186,106 @@ def build_command(spec: StudySpec, trial: optuna.Trial, params: dict[str, Any], 
     logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
               "init_args": {"save_dir": str(trial_dir.parent), "name": trial_dir.name, "version": "",
                             "default_hp_metric": False}}
+    # Its own folder and file names: a ModelCheckpoint of the base config keeps its files.
+    resume = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+              "init_args": {"dirpath": str(trial_dir / RESUME_DIR), "filename": "interval-{step}", "save_last": True,
+                            "save_top_k": 1, "train_time_interval": seconds_text(CHECKPOINT_INTERVAL_S)}}
     callback_args = {"storage": storage_url(spec), "study_name": spec.name, "trial_id": trial._trial_id,
                      "trial_dir": str(trial_dir), "metric": None if spec.multi_objective else spec.objectives[0].metric,
                      "pruner": spec.pruner,
                      "params": params, "hparam_metrics": [o.metric for o in spec.objectives] + spec.report_metrics}
     fit += [f"--trainer.default_root_dir={trial_dir}", f"--trainer.logger={json.dumps(logger)}",
+            "--trainer.enable_checkpointing=true", f"--trainer.callbacks+={json.dumps(resume)}", "--ckpt_path=last",
             f"--trainer.callbacks+={OptunaTrial.__module__}.{OptunaTrial.__name__}"]
     fit += [f"--trainer.callbacks.init_args.{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
             for k, v in callback_args.items() if v is not None]
     if launcher.devices > 1 or launcher.num_nodes > 1 or launcher.kind != "python":
         fit += [f"--trainer.devices={launcher.devices}", f"--trainer.num_nodes={launcher.num_nodes}"]
     if launcher.devices * launcher.num_nodes > 1:
-        fit += ["--trainer.strategy=ddp"]
+        strategy = {"class_path": "lightning.pytorch.strategies.DDPStrategy",
+                    "init_args": {"timeout": seconds_text(Policy.of(spec).ddp_timeout_s)}}
+        fit += [f"--trainer.strategy={json.dumps(strategy)}"]
     if launcher.kind == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={launcher.devices}", *fit]
     if launcher.kind == "srun":
-        return ["srun", f"--nodes={launcher.num_nodes}", f"--ntasks-per-node={launcher.devices}",
-                sys.executable, *fit]
+        # A task that fails ends the step: its peers would otherwise wait in a collective.
+        return ["srun", "--kill-on-bad-exit=1", f"--nodes={launcher.num_nodes}",
+                f"--ntasks-per-node={launcher.devices}", sys.executable, *fit]
     return [sys.executable, *fit]
 
 
-def run_trial(spec: StudySpec, study: optuna.Study) -> None:
-    """Ask one trial, run its training to the end and tell its outcome."""
+def seconds_text(seconds: float) -> str:
+    """``seconds`` as the H:MM:SS[.ffffff] text jsonargparse reads as a ``timedelta``."""
+    whole, fraction = divmod(float(seconds), 1)
+    hours, rest = divmod(int(whole), 3600)
+    text = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return text + f".{round(fraction * 1e6):06d}" if fraction else text
+
+
+# -- the trial's environment -------------------------------------------------------------------
+def trial_environment(spec: StudySpec, base: dict[str, str] | os._Environ) -> dict[str, str]:
+    """The environment of this worker's trials.
+
+    The ``python`` and ``torchrun`` launchers start every rank themselves, so the worker's SLURM
+    variables are dropped (Lightning would take the trial for an srun step and wait for ranks that
+    never come). With ``MD4_SWEEP_WORKER=i`` set, worker ``i`` of a machine gets its own
+    ``launcher.devices`` GPUs.
+    """
+    env = {**base, "PYTHONUNBUFFERED": "1"}
+    if spec.launcher.kind == "srun":
+        return env  # srun places the tasks and their GPUs
+    env = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    index = base.get(WORKER_INDEX_ENV)
+    if index is not None:
+        if not index.isdigit():
+            raise StudyError(f"{WORKER_INDEX_ENV}={index!r}: expected a worker index 0, 1, ...")
+        env["CUDA_VISIBLE_DEVICES"] = gpu_slice(base.get("CUDA_VISIBLE_DEVICES"), int(index), spec.launcher.devices)
+    return env
+
+
+def gpu_slice(visible: str | None, index: int, devices: int) -> str:
+    """The GPUs of worker ``index`` when each trial takes ``devices`` of those ``visible`` (all when None)."""
+    first, stop = index * devices, (index + 1) * devices
+    if visible is None:
+        return ",".join(str(g) for g in range(first, stop))
+    ids = [g.strip() for g in visible.split(",") if g.strip()]
+    if stop > len(ids):
+        raise StudyError(f"{WORKER_INDEX_ENV}={index} with launcher.devices {devices} needs GPUs {first}..{stop - 1} "
+                         f"of CUDA_VISIBLE_DEVICES={visible} ({len(ids)} visible)")
+    return ",".join(ids[first:stop])
+
+
+# -- one trial ---------------------------------------------------------------------------------
+@dataclass
+class TrialWatch:
+    """What the worker does while a trial runs: ``watch()`` is one heartbeat (retried, never raised),
+    and it carries the limits, the environment and the folder lock the trial's process inherits."""
+
+    beat: Callable[[], bool]
+    policy: Policy = field(default_factory=Policy)
+    env: dict[str, str] | None = None
+    lock: FolderLock | None = None
+
+    def __call__(self) -> bool:
+        return self.beat()
+
+
+def trial_folder(spec: StudySpec, trial: FrozenTrial) -> Path:
+    """``trial_<n>`` of the original trial: every rerun of a trial resumes in its folder."""
+    original = trial.system_attrs.get("failed_trial", trial.number)
+    return Path(spec.study_dir).resolve() / f"trial_{original:04d}"
+
+
+def run_trial(spec: StudySpec, study: optuna.Study, env: dict[str, str] | None = None) -> None:
+    """Ask one trial, run its training to the end (or resume it) and tell its outcome."""
     trial = study.ask()
     # Optuna has no public storage id of a trial; the callback and the heartbeat need it.
-    record_heartbeat(study, trial._trial_id)
+    watch = TrialWatch(lambda: beat_with_retry(study, trial._trial_id), Policy.of(spec), env)
+    watch()
     trials = study.get_trials(deepcopy=False)
-    is_rerun = trials[trial.number].system_attrs.get("failed_trial") is not None
+    frozen = trials[trial.number]
+    is_rerun = frozen.system_attrs.get("failed_trial") is not None
     earlier = [t for t in counted_trials(trials) if t.number < trial.number]
     if not is_rerun and len(earlier) >= spec.n_trials:
         # Another worker filled the study between our count and our ask.
@@ -142,59 +293,408 @@ def run_trial(spec: StudySpec, study: optuna.Study) -> None:
         study.tell(trial, state=TrialState.FAIL)
         return
     params = suggest(trial, spec)
-    trial_dir = Path(spec.study_dir).resolve() / f"trial_{trial.number:04d}"
+    trial_dir = trial_folder(spec, frozen)
     trial_dir.mkdir(parents=True, exist_ok=True)
-    command = build_command(spec, trial, params, trial_dir)
-    trial.set_user_attr("trial_dir", str(trial_dir))
-    trial.set_user_attr("command", shlex.join(command))
-    print(f"[md4-sweep] {spec.name} trial {trial.number}: {params}", flush=True)
-    returncode = launch(command, trial_dir, lambda: record_heartbeat(study, trial._trial_id), spec.heartbeat.interval)
-    tell(spec, study, trial, trial_dir, returncode)
-
-
-def launch(command: list[str], trial_dir: Path, beat: Any, interval: float) -> int:
-    """Run ``command`` with its output in ``trial_dir``, beating every ``interval`` seconds.
-
-    If the worker is interrupted the run is stopped and the trial left RUNNING: its heartbeat
-    then lapses and the next worker reruns it.
-    """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(trial_dir / "stdout.log", "w") as out, open(trial_dir / "stderr.log", "w") as err:
-        proc = subprocess.Popen(command, stdout=out, stderr=err, env=env)
+    watch.lock = FolderLock(trial_dir)
+    watch.lock.acquire(watch, spec.heartbeat.interval, watch.policy.kill_grace_s)
+    try:
+        if result_path(trial_dir, 0).is_file():  # an earlier attempt finished, but its tell did not land
+            print(f"[md4-sweep] {spec.name} trial {trial.number}: {trial_dir} holds a finished run; telling its result",
+                  flush=True)
+            tell(spec, study, trial, trial_dir, 0)
+            return
+        command = build_command(spec, trial, params, trial_dir)
+        trial.set_user_attr("trial_dir", str(trial_dir))
+        trial.set_user_attr("command", shlex.join(command))
+        start_step = read_progress(trial_dir).get("step", 0)
+        resumed = f" (resuming {trial_dir.name} from step {start_step})" if start_step else ""
+        print(f"[md4-sweep] {spec.name} trial {trial.number}: {params}{resumed}", flush=True)
+        offset = log_size(trial_dir)
         try:
-            while True:
-                try:
-                    return proc.wait(timeout=interval)
-                except subprocess.TimeoutExpired:
-                    beat()
-        except BaseException:
-            proc.terminate()
-            proc.wait()
+            returncode = launch(command, trial_dir, watch, spec.heartbeat.interval)
+        except BaseException:  # the worker is stopping (SIGTERM, Ctrl-C): launch has stopped the trial
+            requeue_stopped(spec, study, trial, trial_dir, offset)
             raise
+        progressed = read_progress(trial_dir).get("step", 0) > start_step
+        tell(spec, study, trial, trial_dir, returncode, offset, progressed)
+    finally:
+        watch.lock.release()
 
 
-def tell(spec: StudySpec, study: optuna.Study, trial: optuna.Trial, trial_dir: Path, returncode: int) -> None:
+def log_size(trial_dir: Path) -> int:
+    """Where the next attempt's stderr starts in ``stderr.log`` (every attempt appends)."""
+    path = trial_dir / "stderr.log"
+    return path.stat().st_size if path.is_file() else 0
+
+
+def attempt_stderr(trial_dir: Path, offset: int) -> str:
+    path = trial_dir / "stderr.log"
+    if not path.is_file():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def requeue_stopped(spec: StudySpec, study: optuna.Study, trial: optuna.Trial, trial_dir: Path, offset: int) -> None:
+    """Fail and requeue the trial of a stopping worker at once, instead of after its grace period."""
+    try:
+        tell(spec, study, trial, trial_dir, None, offset, progressed=True)
+    except Exception as err:  # the storage may be what is failing; the heartbeat lapse still reruns it
+        print(f"[md4-sweep] trial {trial.number} left RUNNING ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+
+
+# -- supervising the trial's processes ---------------------------------------------------------
+def launch(command: list[str], trial_dir: Path, watch: TrialWatch | Callable[[], Any], interval: float) -> int:
+    """Run ``command`` with its output appended to ``trial_dir/std{out,err}.log`` and supervise it;
+    its exit status (negative: the signal that ended it).
+
+    The run is a process group of its own whose first process gets SIGTERM if the worker dies.
+    Every ``interval`` seconds the worker beats; the run is stopped (SIGTERM, SIGKILL after the
+    grace time, its leftover processes too) on ``limits.wall_clock_s`` or ``limits.no_progress_s``,
+    with a line naming the limit appended to ``stderr.log``, and when the worker is interrupted
+    (then re-raised).
+    """
+    if not isinstance(watch, TrialWatch):
+        watch = TrialWatch(watch)
+    policy = watch.policy
+    keep = (watch.lock.fd,) if watch.lock is not None and watch.lock.fd is not None else ()
+    with open(trial_dir / "stdout.log", "a") as out, open(trial_dir / "stderr.log", "a") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, env=watch.env or {**os.environ, "PYTHONUNBUFFERED": "1"},
+                                start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM), pass_fds=keep)
+    if watch.lock is not None:
+        watch.lock.describe(pgid=proc.pid)
+    try:
+        reason = supervise(proc, trial_dir, watch, interval)
+    except BaseException:
+        stop_processes(proc, policy.kill_grace_s)
+        append_line(trial_dir / "stderr.log", f"{WORKER_STOPPED}: the trial was stopped with it")
+        raise
+    if reason is not None:
+        stop_processes(proc, policy.kill_grace_s)
+        append_line(trial_dir / "stderr.log", reason)
+    else:
+        stop_processes(proc, policy.kill_grace_s)  # processes it left behind (its group, its children)
+    return proc.returncode if proc.returncode is not None else -signal.SIGKILL
+
+
+def supervise(proc: subprocess.Popen, trial_dir: Path, watch: TrialWatch, interval: float) -> str | None:
+    """Beat until ``proc`` exits (None) or a limit is passed (the line that says which)."""
+    policy, tick = watch.policy, min(1.0, float(interval))
+    start = last_beat = last_change = time.monotonic()
+    step = read_progress(trial_dir).get("step")
+    while True:
+        try:
+            proc.wait(timeout=tick)
+            return None
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if now - last_beat >= interval:
+            watch()
+            last_beat = now
+        # The worker's own clock: the trial's nodes may disagree with it.
+        if (new := read_progress(trial_dir).get("step")) != step:
+            step, last_change = new, now
+        if policy.wall_clock_s is not None and now - start > policy.wall_clock_s:
+            return f"{WALL_CLOCK}: the attempt ran {now - start:.0f} s > limits.wall_clock_s = {policy.wall_clock_s:g}"
+        if policy.no_progress_s is not None and now - last_change > policy.no_progress_s:
+            return (f"{NO_PROGRESS}: no new training step for {now - last_change:.0f} s > limits.no_progress_s = "
+                    f"{policy.no_progress_s:g} (last step {step})")
+
+
+def die_with_parent(sig: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send ``sig`` to the child when the worker dies
+    (``prctl(PR_SET_PDEATHSIG)``, Linux; elsewhere None)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(1, sig, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the worker died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` (children, grandchildren, ...), from ``/proc``: torchrun starts its
+    ranks in sessions of their own, out of reach of the trial's process group."""
+    parents: dict[int, list[int]] = collections.defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        parents[int(fields[1])].append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def signal_processes(pgid: int, pids: set[int], sig: int) -> None:
+    for send, target in [(os.killpg, pgid), *((os.kill, p) for p in pids)]:
+        try:
+            send(target, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_processes(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the trial's process group and every process below it, SIGKILL what is left after
+    ``grace`` seconds; returns once all are gone (or after ``KILL_WAIT_S`` more, with a warning)."""
+    pids = descendants(proc.pid)
+    if proc.poll() is not None and not pids and not group_alive(proc.pid):
+        return
+    signal_processes(proc.pid, pids, signal.SIGTERM)
+    for sig, wait in ((signal.SIGKILL, grace), (None, KILL_WAIT_S)):
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            proc.poll()
+            pids |= descendants(proc.pid)
+            if proc.returncode is not None and not group_alive(proc.pid) and not any(alive(p) for p in pids):
+                return
+            time.sleep(0.05)
+        if sig is not None:
+            signal_processes(proc.pid, pids, sig)
+    print(f"[md4-sweep] processes of the trial (group {proc.pid}) still alive {KILL_WAIT_S:g} s after SIGKILL",
+          file=sys.stderr, flush=True)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` other than zombies still runs."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def append_line(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``trial_dir/.lock``: one attempt at a time trains in a folder.
+
+    The worker holds it and the trial's first process inherits it, so it is free only once both
+    are gone. The file names its holder (host, worker pid, trial process group): a lock held on
+    this host by a trial whose worker is dead (it ignored the SIGTERM its worker's death sent) is
+    broken by killing that trial's processes.
+    """
+
+    def __init__(self, trial_dir: Path) -> None:
+        self.path, self.fd = trial_dir / LOCK_FILE, None
+        self.info: dict[str, Any] = {}
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        self.describe()
+        return True
+
+    def acquire(self, beat: Callable[[], Any], poll: float, grace: float) -> None:
+        """Wait for the lock, beating meanwhile (the holder is an earlier attempt still running:
+        a paused worker, or a trial finishing after its worker died)."""
+        waited = 0.0
+        while not self.try_acquire():
+            if waited == 0:
+                print(f"[md4-sweep] waiting for {self.path.parent} (held by {self.holder()})", flush=True)
+            if waited >= grace:
+                self.break_orphan()
+            beat()
+            time.sleep(min(poll, 1.0))
+            waited += min(poll, 1.0)
+
+    def holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def describe(self, **more: Any) -> None:
+        """Write who holds the lock (and ``more``, e.g. the trial's process group) into the file."""
+        self.info.update(host=socket.gethostname(), worker_pid=os.getpid(), **more)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(self.info).encode(), 0)
+
+    def break_orphan(self) -> None:
+        holder = self.holder()
+        pgid, worker = holder.get("pgid"), holder.get("worker_pid")
+        if holder.get("host") != socket.gethostname() or pgid is None or worker is None or alive(worker):
+            return  # another machine's, or a live (maybe paused) worker's: it lets go itself
+        print(f"[md4-sweep] killing the orphaned trial processes (group {pgid}) of a dead worker in {self.path.parent}",
+              file=sys.stderr, flush=True)
+        signal_processes(pgid, descendants(pgid) if alive(pgid) else set(), signal.SIGKILL)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+# -- telling the outcome -----------------------------------------------------------------------
+def failure_kind(returncode: int | None, stderr: str, progressed: bool = True) -> str:
+    """Why an attempt failed: ``preempted`` (exit 143 after saving a checkpoint, with steps made),
+    ``infra`` (a signal, NCCL/gloo/rendezvous errors, a lost node, a hang), ``limit`` (wall clock),
+    ``stopped`` (the worker stopped) or ``training`` (anything rerunning would repeat)."""
+    if WORKER_STOPPED in stderr or returncode is None:
+        return STOPPED
+    if WALL_CLOCK in stderr:
+        return LIMIT
+    if NO_PROGRESS in stderr:
+        return INFRA
+    if returncode == PREEMPTED_EXIT_CODE:
+        return PREEMPTED if progressed else INFRA
+    if any(marker in stderr for marker in TRAINING_MARKERS):
+        return TRAINING
+    if returncode < 0 or returncode > 128 or any(marker in stderr for marker in INFRA_MARKERS):
+        return INFRA
+    return TRAINING
+
+
+def trial_to_tell(study: optuna.Study, trial: optuna.Trial) -> optuna.Trial | None:
+    """``trial``, or when it was already finished (failed as stale while this worker was paused or
+    its storage unreachable) its newest rerun, claimed if still WAITING; None (with a note) when
+    another worker runs that rerun: that worker takes the result from the trial's folder.
+
+    A finished trial cannot be told again in Optuna, so the result goes to exactly one trial of
+    the chain: the rerun (a new one, if the retry limit left none).
+    """
+    storage = study._storage
+    if not storage.get_trial(trial._trial_id).state.is_finished():
+        return trial
+    chain = [t for t in study.get_trials(deepcopy=False) if trial.number in t.system_attrs.get("retry_history", [])]
+    rerun = max(chain, key=lambda t: t.number) if chain else storage.get_trial(trial._trial_id)
+    if rerun.state.is_finished():
+        requeue(study, rerun, LATE, None)
+        rerun = study.get_trials(deepcopy=False)[-1]
+    note = f"[md4-sweep] trial {trial.number} was already finished (failed as stale while this worker did not beat)"
+    try:
+        claimed = rerun.state == TrialState.WAITING and storage.set_trial_state_values(rerun._trial_id, TrialState.RUNNING)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        claimed = False
+    if not claimed:
+        print(f"{note}; its rerun, trial {rerun.number}, is run by another worker, which tells the result", flush=True)
+        return None
+    print(f"{note}; telling its outcome to its rerun, trial {rerun.number}", flush=True)
+    return optuna.trial.Trial(study, rerun._trial_id)
+
+
+def tell(spec: StudySpec, study: optuna.Study, trial: optuna.Trial, trial_dir: Path, returncode: int | None,
+         offset: int = 0, progressed: bool = True) -> None:
+    """Tell the trial (or the rerun that replaced it) the attempt's outcome; requeue it if the
+    failure policy says so; remove its resume checkpoints once it is COMPLETE or PRUNED."""
+    trial = trial_to_tell(study, trial)
+    if trial is None:
+        return
     result_file = result_path(trial_dir, 0)
     if returncode != 0 or not result_file.is_file():
-        stderr = (trial_dir / "stderr.log").read_text(errors="replace")
+        stderr = attempt_stderr(trial_dir, offset)
+        kind = failure_kind(returncode, stderr, progressed)
         trial.set_user_attr("error", f"exit code {returncode}: {stderr[-ERROR_TAIL:]}")
+        trial.set_user_attr(FAILURE, kind)
         study.tell(trial, state=TrialState.FAIL)
-        print(f"[md4-sweep] {spec.name} trial {trial.number} failed (exit code {returncode}); "
-              f"see {trial_dir / 'stderr.log'}", flush=True)
+        limit = Policy.of(spec).retry_limit(kind)
+        again = limit != 0 and requeue(study, study._storage.get_trial(trial._trial_id), kind, limit)
+        print(f"[md4-sweep] {spec.name} trial {trial.number} failed (exit code {returncode}, {kind}"
+              f"{'; requeued to resume' if again else ''}); see {trial_dir / 'stderr.log'}", flush=True)
         return
     result = json.loads(result_file.read_text())
     trial.set_user_attr("metrics", result["metrics"])
     trial.set_user_attr("step", result["step"])
     if result["pruned"]:
         study.tell(trial, state=TrialState.PRUNED)
+        shutil.rmtree(trial_dir / RESUME_DIR, ignore_errors=True)
         print(f"[md4-sweep] {spec.name} trial {trial.number} pruned at step {result['step']}", flush=True)
         return
     missing = [o.metric for o in spec.objectives if o.metric not in result["metrics"]]
     if missing:
         trial.set_user_attr("error", f"objective {missing[0]!r} was not logged; logged: {sorted(result['metrics'])}")
+        trial.set_user_attr(FAILURE, TRAINING)
         study.tell(trial, state=TrialState.FAIL)
         return
     values = [result["metrics"][o.metric] for o in spec.objectives]
     study.tell(trial, values)
+    shutil.rmtree(trial_dir / RESUME_DIR, ignore_errors=True)
     print(f"[md4-sweep] {spec.name} trial {trial.number} done: "
           + ", ".join(f"{o.metric}={v:.6g}" for o, v in zip(spec.objectives, values)), flush=True)
+
+
+# -- the study's failure policy ----------------------------------------------------------------
+def failure_streak(study: optuna.Study, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The attempts told FAIL for a reason of the trial or its environment (training, infra, limit)
+    since the last COMPLETE or PRUNED one and since the last :func:`retry_failed`, newest first."""
+    since = study.user_attrs.get(STREAK_SINCE)
+    told = [t for t in trials if t.datetime_complete is not None and (
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or t.user_attrs.get(FAILURE) in (TRAINING, INFRA, LIMIT))]
+    if since is not None:
+        told = [t for t in told if t.datetime_complete.astimezone(timezone.utc).isoformat() > since]
+    streak = []
+    for t in sorted(told, key=lambda t: t.datetime_complete, reverse=True):
+        if t.state != TrialState.FAIL:
+            break
+        streak.append(t)
+    return streak
+
+
+def last_error_line(trial: FrozenTrial) -> str:
+    lines = [line for line in str(trial.user_attrs.get("error", "")).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no error recorded"
+
+
+def check_failure_streak(study: optuna.Study, trials: list[FrozenTrial], max_consecutive: int) -> None:
+    """Stop (a :class:`StudyError`) when the last ``max_consecutive`` attempts failed, naming their
+    most common error (last line of stderr): an environment error would otherwise fail every trial."""
+    streak = failure_streak(study, trials)
+    if len(streak) < max_consecutive:
+        return
+    errors = collections.Counter(last_error_line(t) for t in streak[:max_consecutive])
+    error, count = errors.most_common(1)[0]
+    numbers = ", ".join(str(t.number) for t in sorted(streak[:max_consecutive], key=lambda t: t.number))
+    raise StudyError(f"study {study.study_name} stopped: its last {max_consecutive} trials failed (trials {numbers}); "
+                     f"{count} of them with: {error}; fix it, then run md4-sweep run --retry-failed")
+
+
+def retry_failed(study: optuna.Study, spec: StudySpec) -> list[int]:
+    """Queue a rerun of every failed trial that has none (``md4-sweep run --retry-failed``): same
+    parameters, same folder, resumed from its newest checkpoint; resets the failure streak.
+    Returns the numbers of the trials rerun."""
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in counted_trials(trials) if t.state == TrialState.FAIL]
+    for t in failed:
+        requeue(study, t, "manual", None)
+    study.set_user_attr(STREAK_SINCE, datetime.now(timezone.utc).isoformat())
+    if failed:
+        print(f"[md4-sweep] {spec.name}: rerunning failed trials {', '.join(str(t.number) for t in failed)}", flush=True)
+    return [t.number for t in failed]
