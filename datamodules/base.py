@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 Item = dict[str, Any]
 
@@ -166,12 +167,20 @@ class TokenDataModule(pl.LightningDataModule):
     accumulate_grad_batches)``, which must divide exactly. Setting both is allowed only when
     they agree; setting neither means :data:`DEFAULT_BATCH_SIZE` per device.
 
+    Validation is limited with ``val_examples``, not with ``trainer.limit_val_batches``: Lightning's
+    limit counts batches per rank, so the examples it keeps change with the number of devices,
+    nodes and the batch size (which ``global_batch_size`` ties to accumulation), and so does the
+    validation NELBO. ``val_examples`` keeps the first K examples of the split on any layout; the
+    evaluation noise is keyed by example index, so the number is then the same on any layout.
+
     Args:
         batch_size: training batch size per device.
         eval_batch_size: validation/test batch size per device; ``None`` means the per-device
             training batch.
         num_workers: data loader worker processes.
         global_batch_size: training batch summed over all devices, nodes and accumulated steps.
+        val_examples: validate on the first ``val_examples`` examples of the validation split
+            (all of them when the split is smaller); ``None`` means the whole split.
     """
 
     def __init__(
@@ -180,10 +189,11 @@ class TokenDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         global_batch_size: int | None = None,
+        val_examples: int | None = None,
     ) -> None:
         super().__init__()
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
-                           ("global_batch_size", global_batch_size)):
+                           ("global_batch_size", global_batch_size), ("val_examples", val_examples)):
             if value is not None and value < 1:
                 raise DataError(f"data.init_args.{key} is {value}; it must be a positive integer")
         self.requested_batch_size = batch_size
@@ -192,6 +202,7 @@ class TokenDataModule(pl.LightningDataModule):
         self.batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
         self.eval_batch_size = self.batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
+        self.val_examples = val_examples
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -212,6 +223,8 @@ class TokenDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._split_global_batch()
+        if stage in ("fit", "validate"):
+            self._warn_on_batch_limit()
         # All splits are cheap to build (small or memory-mapped), so build them once for any stage.
         if self.train_set is None:
             self._build()
@@ -234,11 +247,22 @@ class TokenDataModule(pl.LightningDataModule):
         if self.requested_eval_batch_size is None:
             self.eval_batch_size = self.batch_size
 
+    def _warn_on_batch_limit(self) -> None:
+        """Say when ``trainer.limit_val_batches`` makes the validation subset depend on the layout."""
+        limit = None if self.trainer is None else self.trainer.limit_val_batches
+        # Lightning stores "no limit" as the fraction 1.0 and "no validation" as 0; neither picks a subset.
+        if limit is None or limit == 0 or (isinstance(limit, float) and limit == 1.0):
+            return
+        rank_zero_warn(
+            f"trainer.limit_val_batches={limit} limits batches per rank, so the validation examples (and "
+            f"val/nelbo) change with devices, nodes, accumulation and batch size; set "
+            f"data.init_args.val_examples (now {self.val_examples}) and trainer.limit_val_batches=null instead")
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
+        return self._eval_loader(self._first(self.val_set, self.val_examples))
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
@@ -250,6 +274,16 @@ class TokenDataModule(pl.LightningDataModule):
     def to_images(self, tokens: Tensor) -> Tensor | None:
         """Images ``[batch, C, H, W]`` in ``[0, 1]`` for ``tokens`` ``[batch, seq]``; ``None`` if not images."""
         return None
+
+    @staticmethod
+    def _first(dataset: Dataset | None, count: int | None) -> Dataset | None:
+        """The first ``count`` examples of ``dataset`` (all when ``None`` or more than it holds).
+
+        Items keep their ``index`` in the whole split, which is what the evaluation noise is keyed on.
+        """
+        if dataset is None or count is None or count >= len(dataset):
+            return dataset
+        return Subset(dataset, range(count))
 
     def _eval_loader(self, dataset: Dataset | None) -> DataLoader:
         """An unshuffled loader that, under DDP, gives each example to exactly one rank."""

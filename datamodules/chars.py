@@ -28,7 +28,8 @@ class CharDataModule(TokenDataModule):
         val_fraction, test_fraction: shares of the file (from its end) for validation and test.
         vocab: the characters, token ``k`` being ``vocab[k]``; ``None`` derives it from the file.
             A file character missing from a given ``vocab`` is an error.
-        batch_size, eval_batch_size, num_workers, global_batch_size: see :class:`TokenDataModule`.
+        batch_size, eval_batch_size, num_workers, global_batch_size, val_examples: see
+            :class:`TokenDataModule`.
     """
 
     def __init__(
@@ -42,8 +43,9 @@ class CharDataModule(TokenDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         global_batch_size: int | None = None,
+        val_examples: int | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size)
+        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size, val_examples)
         self.save_hyperparameters()
         self.path = Path(path).expanduser()
         text = self._read()

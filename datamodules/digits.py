@@ -44,7 +44,8 @@ class DigitsDataModule(TokenDataModule):
     Args:
         split_seed: seed of the permutation that assigns images to splits.
         eval_null_label: give validation and test items the null label instead of their digit.
-        batch_size, eval_batch_size, num_workers, global_batch_size: see :class:`TokenDataModule`.
+        batch_size, eval_batch_size, num_workers, global_batch_size, val_examples: see
+            :class:`TokenDataModule`.
     """
 
     # Masked pixels render as mid grey. That is also the shade of level 8, but real digits are
@@ -60,8 +61,9 @@ class DigitsDataModule(TokenDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         global_batch_size: int | None = None,
+        val_examples: int | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size)
+        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size, val_examples)
         self.save_hyperparameters()
 
     @property

@@ -105,15 +105,17 @@ class CIFAR10DataModule(ImageDataModule):
         path: a local ``cifar-10-batches-py`` folder (``data_batch_1..5``, ``test_batch``); when
             set, nothing is downloaded.
         download: whether ``prepare_data`` may download the archive when it is not there.
-        batch_size, eval_batch_size, num_workers, global_batch_size: see :class:`TokenDataModule`.
+        batch_size, eval_batch_size, num_workers, global_batch_size, val_examples: see
+            :class:`TokenDataModule`.
     """
 
     side, num_classes = 32, 10
 
     def __init__(self, data_dir: str = "~/.cache/lightning_md4/cifar10", path: str | None = None,
                  download: bool = True, batch_size: int | None = None, eval_batch_size: int | None = None,
-                 num_workers: int = 0, global_batch_size: int | None = None) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size)
+                 num_workers: int = 0, global_batch_size: int | None = None,
+                 val_examples: int | None = None) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size, val_examples)
         self.save_hyperparameters()
         if path is None:
             self.folder = Path(data_dir).expanduser() / CIFAR10_FOLDER
@@ -155,14 +157,16 @@ class ImageNet64DataModule(ImageDataModule):
 
     Args:
         path: the folder with the ``.npz`` files.
-        batch_size, eval_batch_size, num_workers, global_batch_size: see :class:`TokenDataModule`.
+        batch_size, eval_batch_size, num_workers, global_batch_size, val_examples: see
+            :class:`TokenDataModule`.
     """
 
     side, num_classes = 64, 1000
 
     def __init__(self, path: str, batch_size: int | None = None, eval_batch_size: int | None = None,
-                 num_workers: int = 0, global_batch_size: int | None = None) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size)
+                 num_workers: int = 0, global_batch_size: int | None = None,
+                 val_examples: int | None = None) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size, val_examples)
         self.save_hyperparameters()
         self.folder = Path(path).expanduser()
         self.remedy = "Set data.init_args.path to the folder with the downsampled ImageNet 64x64 .npz files."

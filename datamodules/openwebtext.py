@@ -42,7 +42,8 @@ class OpenWebTextDataModule(TokenDataModule):
         data_dir: folder of the token caches.
         seq_len: tokens per block.
         val_docs: documents held out, from the end, for validation.
-        batch_size, eval_batch_size, num_workers, global_batch_size: see :class:`TokenDataModule`.
+        batch_size, eval_batch_size, num_workers, global_batch_size, val_examples: see
+            :class:`TokenDataModule`.
     """
 
     def __init__(
@@ -58,8 +59,9 @@ class OpenWebTextDataModule(TokenDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         global_batch_size: int | None = None,
+        val_examples: int | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size)
+        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size, val_examples)
         self.save_hyperparameters()
         if val_docs < 1:
             raise DataError(f"data.init_args.val_docs is {val_docs}; hold out at least one document")

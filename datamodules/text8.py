@@ -51,7 +51,8 @@ class Text8DataModule(TokenDataModule):
         seq_len: characters per example.
         split: ``(train, val, test)`` character counts; the file must hold exactly their sum.
             ``None`` means the standard ``(90_000_000, 5_000_000, 5_000_000)``.
-        batch_size, eval_batch_size, num_workers, global_batch_size: see :class:`TokenDataModule`.
+        batch_size, eval_batch_size, num_workers, global_batch_size, val_examples: see
+            :class:`TokenDataModule`.
     """
 
     def __init__(
@@ -65,8 +66,9 @@ class Text8DataModule(TokenDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         global_batch_size: int | None = None,
+        val_examples: int | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size)
+        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size, val_examples)
         self.save_hyperparameters()
         self.split = DEFAULT_SPLIT if split is None else tuple(split)
         if len(self.split) != 3 or min(self.split) < seq_len:

@@ -21,13 +21,14 @@ class TokenFileDataModule(TokenDataModule):
         vocab_size: number of token ids; every id must be below it (checked on a prefix).
         seq_len: tokens per example.
         val_tokens, test_tokens: sizes of the held-out splits, in tokens (at least ``seq_len``).
-        batch_size, eval_batch_size, num_workers, global_batch_size: see :class:`TokenDataModule`.
+        batch_size, eval_batch_size, num_workers, global_batch_size, val_examples: see
+            :class:`TokenDataModule`.
     """
 
     def __init__(self, path: str, vocab_size: int, seq_len: int = 1024, val_tokens: int = 1 << 16, test_tokens: int = 1 << 16,
                  batch_size: int | None = None, eval_batch_size: int | None = None, num_workers: int = 0,
-                 global_batch_size: int | None = None) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size)
+                 global_batch_size: int | None = None, val_examples: int | None = None) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, global_batch_size, val_examples)
         self.save_hyperparameters()
         self._vocab_size, self._seq_len = vocab_size, seq_len
 
