@@ -106,7 +106,9 @@ def test_paused_worker_result_is_told_once_to_the_rerun(tmp_path):
         wait_for(lambda: read_progress(trial_dir).get("step", 0) >= 1, timeout=120)
         worker.send_signal(signal.SIGSTOP)
         time.sleep(4)  # grace period 3 s
-        fail_stale_trials(open_(study_file), grace_period=3, max_retry=2)  # what another worker does
+        spec = load_spec(study_file)  # what another worker does:
+        other = optuna.load_study(study_name=spec.name, storage=open_storage(storage_url(spec), 1, 3, 2))
+        fail_stale_trials(other, grace_period=3, max_retry=2)
         assert [t.state for t in open_(study_file).get_trials()] == [TrialState.FAIL, TrialState.WAITING]
         wait_for((trial_dir / "result.rank0.json").is_file, timeout=120)  # the run goes on meanwhile
     finally:
