@@ -10,13 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def validate(tmp_path: Path, corpus: Path, devices: int) -> float:
+def validate(tmp_path: Path, corpus: Path, devices: int, global_batch_size: int, accumulate: int) -> float:
+    """``md4 validate`` on the first 13 of the corpus's 15 validation chunks; the per-device batch
+    (training and evaluation) is ``global_batch_size / (devices * accumulate)``."""
     args = [sys.executable, "-m", "lightning_md4.cli", "validate", "--config", str(ROOT / "configs" / "tiny_text.yaml"),
-            f"--data.init_args.path={corpus}", "--data.init_args.seq_len=16", "--data.init_args.eval_batch_size=4",
-            "--data.init_args.val_fraction=0.2", f"--trainer.default_root_dir={tmp_path / f'run{devices}'}",
-            "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.limit_val_batches=null",
-            "--trainer.enable_progress_bar=false", "--random_weights=true", "--model.init_args.network.n_layers=1",
-            "--model.init_args.network.d_model=32", "--model.init_args.network.n_heads=2"]
+            f"--data.init_args.path={corpus}", "--data.init_args.seq_len=16", "--data.init_args.val_fraction=0.2",
+            "--data.init_args.val_examples=13", "--data.init_args.batch_size=null",
+            f"--data.init_args.global_batch_size={global_batch_size}", f"--trainer.accumulate_grad_batches={accumulate}",
+            f"--trainer.default_root_dir={tmp_path / f'run{devices}'}", "--trainer.accelerator=cpu",
+            f"--trainer.devices={devices}", "--trainer.enable_progress_bar=false", "--random_weights=true",
+            "--model.init_args.network.n_layers=1", "--model.init_args.network.d_model=32",
+            "--model.init_args.network.n_heads=2"]
     if devices > 1:
         args.append("--trainer.strategy=ddp")
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -26,11 +30,13 @@ def validate(tmp_path: Path, corpus: Path, devices: int) -> float:
     return float(match.group(1))
 
 
-def test_ddp_validation_matches_single_process(tmp_path):
+def test_ddp_validation_on_a_fixed_subset_matches_single_process(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"line {i}: the cat sat on mat {i * 7 % 13}.\n" for i in range(40)))
-    # 2 processes over an odd number of validation chunks in batches of 4: the shards and their
-    # last batches differ in size, so double counting or a dropped example would move the mean.
-    single = validate(tmp_path, corpus, 1)
-    double = validate(tmp_path, corpus, 2)
+    # 1 process in batches of 8 (8 + 5) against 2 processes x accumulation 2 in batches of 3
+    # (rank 0: 3 + 3 + 1, rank 1: 3 + 3): the examples are the same 13, an odd number, so the
+    # shards and last batches differ in size and double counting or a dropped example would move
+    # the mean; a per-rank batch limit would have kept other examples on each layout.
+    single = validate(tmp_path, corpus, devices=1, global_batch_size=8, accumulate=1)
+    double = validate(tmp_path, corpus, devices=2, global_batch_size=12, accumulate=2)
     assert abs(single - double) < 1e-5, (single, double)
