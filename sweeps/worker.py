@@ -102,9 +102,9 @@ class Policy:
 
     @classmethod
     def of(cls, spec: StudySpec) -> Policy:
-        limits, failures = getattr(spec, "limits", cls()), getattr(spec, "failures", cls())
+        limits, failures = spec.limits, spec.failures
         return cls(limits.wall_clock_s, limits.no_progress_s, limits.kill_grace_s, failures.max_consecutive,
-                   failures.max_infra_retries, getattr(spec.launcher, "ddp_timeout_s", cls.ddp_timeout_s))
+                   failures.max_infra_retries, spec.launcher.ddp_timeout_s)
 
     def retry_limit(self, kind: str) -> int | None:
         """Reruns allowed for a failure of ``kind`` (None: unbounded)."""
