@@ -73,7 +73,8 @@ def test_cli_reports_an_indivisible_global_batch_in_one_line(tmp_path):
 
 
 def test_every_training_data_module_takes_the_global_batch():
-    """Configs fix the global batch for any data set, so every module that trains must accept it."""
+    """Configs fix the global batch and the validation subset for any data set, so every module that
+    trains must accept both."""
     import inspect
 
     import datamodules
@@ -85,4 +86,5 @@ def test_every_training_data_module_takes_the_global_batch():
                  and c is not TokenDataModule and c.__name__ != "ZeroShotDataModule"]
     assert len(trainable) >= 7
     for cls in trainable:
-        assert "global_batch_size" in inspect.signature(cls.__init__).parameters, cls.__name__
+        parameters = inspect.signature(cls.__init__).parameters
+        assert "global_batch_size" in parameters and "val_examples" in parameters, cls.__name__
