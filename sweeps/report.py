@@ -157,7 +157,7 @@ def seed_values(observations: pd.DataFrame, metric: str) -> pd.DataFrame:
     A (configuration, seed) run twice (a TPE configuration proposed again) is averaged: its runs
     share the seed, so they are not two independent seeds.
     """
-    done = observations[(observations["state"] == TrialState.COMPLETE.name) & np.isfinite(observations[metric])]
+    done = observations[np.isfinite(observations[metric].astype(float))]  # only finished seeds carry values
     values = done.pivot_table(index=CONFIGURATION, columns=SEED, values=metric, aggfunc="mean")
     order = [c for c in observations[CONFIGURATION].unique() if c in values.index]
     return values.reindex(index=order, columns=sorted(values.columns, key=_seed_order))
@@ -237,14 +237,11 @@ def verdict(p: Paired, direction: str, level: float = LEVEL) -> str:
 def find_baseline(observations: pd.DataFrame, baseline: dict[str, Any]) -> tuple[str | None, str]:
     """The configuration that matches every key of the study file's ``baseline``, or None and why."""
     configurations = observations.drop_duplicates(CONFIGURATION)
-    match = np.ones(len(configurations), dtype=bool)
-    for name, value in baseline.items():
-        column = configurations[name] if name in configurations else pd.Series(math.nan, index=configurations.index)
-        match &= np.array([not _missing(v) and bool(v == value) for v in column], dtype=bool)
-    found = list(configurations[CONFIGURATION][match])
+    found = [row[CONFIGURATION] for _, row in configurations.iterrows()
+             if all(not _missing(row.get(name)) and bool(row.get(name) == value) for name, value in baseline.items())]
     if len(found) == 1:
         return found[0], ""
-    what = "no configuration" if not found else f"{len(found)} configurations ({'; '.join(found)}); name more parameters"
+    what = f"{len(found)} configurations ({'; '.join(found)}); name more parameters" if found else "no configuration"
     return None, f"baseline {baseline} matches {what}"
 
 
