@@ -25,6 +25,7 @@ A study is a YAML file (see ``sweeps/studies/*.yaml``)::
     max_retry: 2                            # reruns of a trial whose worker died
     limits: {wall_clock_s: null, no_progress_s: null, kill_grace_s: 30}
     failures: {max_consecutive: 5, max_infra_retries: 3}
+    baseline: {dropout: 0.0}                # the configuration the report's differences are against
 
 Every key is checked before anything runs: an unknown key, a value of the wrong type (``args:`` as a
 string, ``n_trials: "5"``) or out of range (``devices: 0``, ``max_retry: -1``, a heartbeat interval
@@ -345,6 +346,7 @@ class StudySpec:
     max_retry: int = 2
     limits: Limits = field(default_factory=Limits)
     failures: Failures = field(default_factory=Failures)
+    baseline: dict[str, Any] | None = None  # the configuration the report compares the others against
 
     @property
     def multi_objective(self) -> bool:
@@ -433,8 +435,10 @@ def _parse(raw: dict[str, Any], base_dir: Path) -> StudySpec:
         heartbeat=_section(Heartbeat, "heartbeat", raw.get("heartbeat")),
         max_retry=_typed("max_retry", raw.get("max_retry", 2), hints["max_retry"]),
         limits=_section(Limits, "limits", raw.get("limits")),
-        failures=_section(Failures, "failures", raw.get("failures")))
+        failures=_section(Failures, "failures", raw.get("failures")),
+        baseline=_typed("baseline", raw.get("baseline"), hints["baseline"]))
     _at_least("max_retry", spec.max_retry, 0)
+    check_baseline(spec)
     if spec.multi_objective and pruner["name"] != "none":
         raise StudyError("pruner: Optuna cannot prune multi-objective trials; set pruner: {name: none}")
     if sampler["name"] == "grid":
@@ -449,6 +453,19 @@ def _parse(raw: dict[str, Any], base_dir: Path) -> StudySpec:
     if spec.study_dir is None:
         spec.study_dir = Path("runs") / "sweeps" / spec.name
     return spec
+
+
+def check_baseline(spec: StudySpec) -> None:
+    """``baseline`` names search-space parameters, each at a value the study can run."""
+    for name, value in (spec.baseline or {}).items():
+        param = spec.search_space.get(name)
+        if param is None:
+            raise StudyError(f"baseline.{name}: not a search_space parameter ({', '.join(spec.search_space)})")
+        if param.type == "categorical" and value not in param.choices:
+            raise StudyError(f"baseline.{name}: {value!r} is not one of the choices {param.choices}")
+        if param.type != "categorical" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                            or not param.low <= value <= param.high):
+            raise StudyError(f"baseline.{name}: {value!r} is not in [{param.low:g}, {param.high:g}]")
 
 
 def check_objective_metric(metric: str, logged: Mapping[str, Any]) -> None:
@@ -518,8 +535,9 @@ def resolve_storage(url: str) -> str:
 
 
 # -- the fingerprint of a study file -------------------------------------------------------------
-# Where a study runs (storage, study_dir, launcher) may differ between workers; what it runs may not.
-WHERE_KEYS = ("storage", "study_dir", "launcher")
+# Where a study runs (storage, study_dir, launcher) may differ between workers, and what its report
+# compares against (baseline) may change; what its trials run may not.
+WHERE_KEYS = ("storage", "study_dir", "launcher", "baseline")
 
 
 def normalised(spec: StudySpec) -> dict[str, Any]:

@@ -75,6 +75,8 @@ BAD_VALUES = [
     ("sampler", {**TPE, "n_trials": 3, "sampler": {"name": "tpe", "n_startup": 3}}),
     ("base_configs[1]", {"base_configs": [BASE[0], "missing.yaml"]}),
     ("storage", {"storage": "env:1ABC"}),
+    ("baseline.dropout", {"baseline": {"dropout": 0.5}}),
+    ("baseline.schedule", {"baseline": {"schedule": "linear"}}),
 ]
 
 
@@ -105,6 +107,7 @@ def test_new_sections_parse_into_typed_fields(tmp_path):
     assert isinstance(spec.limits.wall_clock_s, float)
     assert (spec.failures.max_consecutive, spec.failures.max_infra_retries) == (2, 3)
     assert (spec.launcher.kind, spec.launcher.devices, spec.launcher.ddp_timeout_s) == ("torchrun", 2, 120)
+    assert load_spec(write_study(tmp_path, baseline={"dropout": 0.0})).baseline == {"dropout": 0.0}
     default = load_spec(write_study(tmp_path))
     assert (default.limits.wall_clock_s, default.limits.no_progress_s) == (None, None)
     assert default.launcher.ddp_timeout_s == 600 and default.args == ["--trainer.accelerator=cpu"]
