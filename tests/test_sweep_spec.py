@@ -14,6 +14,7 @@ import optuna
 import pytest
 import yaml
 
+import sweeps.worker
 from sweeps.cli import check, main
 from sweeps.spec import (FINGERPRINT_ATTR, StudyError, check_fingerprint, check_objective_metric, fingerprint,
                          load_spec, redact_secrets, redact_url, resolve_storage)
@@ -34,8 +35,14 @@ def write_study(tmp_path: Path, name: str = "s", **overrides) -> Path:
     return path
 
 
-def run_cli_error(capsys, *argv: str) -> str:
-    """``md4-sweep`` with ``argv``, which must fail as a bad study file: exit 2, one line on stderr."""
+def run_cli_error(capsys, monkeypatch, *argv: str) -> str:
+    """``md4-sweep`` with ``argv``, which must fail as a bad study file: exit 2, one line on stderr,
+    before the worker opens the study."""
+    def touched(*args, **kwargs):
+        raise AssertionError("the study was opened")
+
+    monkeypatch.setattr(sweeps.worker, "run_worker", touched)
+    monkeypatch.setattr(sweeps.worker, "open_study", touched)
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))
     assert exit_info.value.code == 2
@@ -81,9 +88,9 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize("key,overrides", BAD_VALUES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(BAD_VALUES)])
-def test_bad_value_is_one_line_naming_the_key_before_any_storage(tmp_path, capsys, key, overrides):
+def test_bad_value_is_one_line_naming_the_key_before_any_storage(tmp_path, capsys, monkeypatch, key, overrides):
     path = write_study(tmp_path, **overrides)
-    err = run_cli_error(capsys, "run", str(path))
+    err = run_cli_error(capsys, monkeypatch, "run", str(path))
     assert err.startswith(f"md4-sweep: error: {path}: {key}: "), err
     assert not (tmp_path / "study").exists()  # the default SQLite storage was never opened
     with pytest.raises(StudyError, match=f"^{re.escape(f'{path}: {key}: ')}"):
@@ -93,7 +100,7 @@ def test_bad_value_is_one_line_naming_the_key_before_any_storage(tmp_path, capsy
 def test_unset_storage_variable_is_an_error_before_any_storage(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MD4_TEST_STORAGE", raising=False)
     path = write_study(tmp_path, storage="env:MD4_TEST_STORAGE")
-    err = run_cli_error(capsys, "run", str(path))
+    err = run_cli_error(capsys, monkeypatch, "run", str(path))
     assert err == f"md4-sweep: error: {path}: storage: environment variable MD4_TEST_STORAGE (storage: env:MD4_TEST_STORAGE) " \
                   "is not set"
     assert not (tmp_path / "study").exists()
@@ -200,11 +207,11 @@ def test_redact_url(url, redacted):
     assert redact_secrets(f"study in {url} failed") == f"study in {redacted} failed"
 
 
-def test_a_password_in_the_storage_url_is_refused_and_never_printed(tmp_path, capsys):
+def test_a_password_in_the_storage_url_is_refused_and_never_printed(tmp_path, capsys, monkeypatch):
     url = f"postgresql://sweeper:{SECRET}@db.cluster/optuna"
     for argv in (["run", str(write_study(tmp_path, "in_file", storage=url))],
                  ["run", str(write_study(tmp_path, "on_command_line")), "--storage", url]):
-        err = run_cli_error(capsys, *argv)
+        err = run_cli_error(capsys, monkeypatch, *argv)
         assert SECRET not in err
         assert "storage: the URL postgresql://sweeper:***@db.cluster/optuna holds a password" in err
         assert "storage: env:" in err
