@@ -103,7 +103,8 @@ def test_grid_and_arguments_of_a_trial(tmp_path):
                         tmp_path / "study" / "trial_0003")
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for arg in ("--model.init_args.schedule=cosine", "--model.init_args.antithetic=true", "--model=MD4",
-                "--trainer.devices=2", "--trainer.num_nodes=1", "--trainer.strategy=ddp",
+                "--trainer.devices=2", "--trainer.num_nodes=1",
+                '--trainer.strategy={"class_path": "lightning.pytorch.strategies.DDPStrategy", "init_args": {"timeout": "0:10:00"}}',
                 "--trainer.callbacks+=sweeps.callback.OptunaTrial", "--trainer.callbacks.init_args.trial_id=7",
                 f"--trainer.default_root_dir={tmp_path / 'study' / 'trial_0003'}"):
         assert arg in cmd, arg
@@ -260,7 +261,7 @@ def test_slurm_script_resumes_a_requeued_run_from_its_newest_checkpoint(tmp_path
     fake_srun.write_text('#!/bin/bash\necho "$@"\n')
     fake_srun.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_NNODES": "2",
-           "SLURM_NTASKS_PER_NODE": "4", "PYTHON": "python"}
+           "SLURM_NTASKS_PER_NODE": "4", "PYTHON": sys.executable}
     run = tmp_path / "run"
 
     def submit() -> str:
@@ -271,10 +272,14 @@ def test_slurm_script_resumes_a_requeued_run_from_its_newest_checkpoint(tmp_path
     fresh = submit()
     assert "--trainer.num_nodes 2 --trainer.devices 4" in fresh and "--ckpt_path" not in fresh
     (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "last.ckpt").write_text("x")
+    loadable = {"state_dict": {}, "hyper_parameters": {"_class_path": "lightning_md4.modules.MD4"}}
+    torch.save(loadable, run / "checkpoints" / "last.ckpt")
     assert f"--ckpt_path {run / 'checkpoints' / 'last.ckpt'}" in submit()
     time.sleep(0.05)
-    (run / "hpc_ckpt_1.ckpt").write_text("x")  # Lightning's save on SIGUSR1, newer than last.ckpt
+    torch.save(loadable, run / "hpc_ckpt_1.ckpt")  # Lightning's save on SIGUSR1, newer than last.ckpt
+    assert f"--ckpt_path {run / 'hpc_ckpt_1.ckpt'}" in submit()
+    time.sleep(0.05)
+    (run / "checkpoints" / "step=9.ckpt").write_text("x")  # newest, but torn: skipped
     assert f"--ckpt_path {run / 'hpc_ckpt_1.ckpt'}" in submit()
 
 
