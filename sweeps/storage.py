@@ -19,6 +19,7 @@ system attributes (so ``RetryHeartbeatStaleTrialCallback.retried_trial_number`` 
 
 from __future__ import annotations
 
+import random
 import sys
 import time
 import warnings
@@ -27,8 +28,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
+
+from sweeps.spec import redact_secrets, resolve_storage
 
 # Heartbeats, stale-trial failing and the retry helpers are long-standing but still marked experimental.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -39,6 +43,7 @@ RETRIES_ATTR = "retries"  # {reason: reruns so far} over a trial's chain of reru
 STALE = "stale"  # the rerun reason of a trial whose worker stopped beating
 # What a trial's attempt produced: a rerun starts without them (its folder and command stay).
 OUTCOME_ATTRS = ("error", "metrics", "step", "failure")
+CREATE_ATTEMPTS = 5  # first opens of an empty RDB racing to create Optuna's tables
 T = TypeVar("T")
 
 
@@ -54,7 +59,9 @@ def absolute_storage(url: str) -> str:
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  max_retry: int | None = None) -> optuna.storages.BaseStorage:
-    """The Optuna storage for ``url``; with ``heartbeat_interval`` set, dead workers' trials are retried."""
+    """The Optuna storage for ``url`` (``env:NAME``: the URL in environment variable ``NAME``); with
+    ``heartbeat_interval`` set, dead workers' trials are retried."""
+    url = resolve_storage(url)
     if url.startswith(JOURNAL):
         path = Path(url[len(JOURNAL):])
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +74,16 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                       heartbeat_stale_trial_callback=StaleTrialRetry(max_retry))
     # SQLite under several writers (worker heartbeats, rank 0's reports) needs a lock timeout.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers first opening an empty PostgreSQL database together each create Optuna's
+            # tables; the losers' CREATE collides (a duplicate type). Once one wins, they exist.
+            if attempt == CREATE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 + random.random())  # apart, so the retries do not collide again
+    raise AssertionError("unreachable")
 
 
 def _optuna_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
@@ -114,7 +130,7 @@ def beat_with_retry(study: optuna.Study, trial_id: int) -> bool:
         return False  # failed as stale meanwhile; the worker's tell gives the result to its rerun
     except Exception as err:
         print(f"[md4-sweep] heartbeat of trial id {trial_id} not recorded: {type(err).__name__}: "
-              f"{str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr, flush=True)
+              f"{redact_secrets(str(err).splitlines()[0]) if str(err) else ''}", file=sys.stderr, flush=True)
         return False
 
 

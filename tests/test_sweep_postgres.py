@@ -2,13 +2,16 @@
 (:mod:`pg`): Optuna's heartbeat table written by ``record_heartbeat``, a trial whose heartbeat
 stops failed after the grace period and retried once per ``max_retry``, and workers in separate
 processes racing on one grid study. Every storage is opened with ``sweeps.storage.open_storage``;
-the trials are tiny ask/tell objectives, not training runs.
+the trials are tiny ask/tell objectives, not training runs, but for one sweep whose storage URL,
+password included, reaches the worker and its training run only through the environment.
 """
 
 from __future__ import annotations
 
 import itertools
 import multiprocessing
+import subprocess
+import sys
 import time
 
 import optuna
@@ -19,6 +22,7 @@ from optuna.trial import TrialState
 from pg import create_database, postgres_server
 from sweeps.spec import AskTellGridSampler
 from sweeps.storage import BEAT_ATTR, fail_stale_trials, open_storage, record_heartbeat
+from test_sweeps import ENV, write_study
 
 # grace_period != 2 * interval (Optuna's default grace): a storage that dropped the study's grace
 # period would fail trials at the wrong time.
@@ -120,9 +124,10 @@ def objective(params: dict) -> float:
 
 def grid_worker(url: str, index: int, start) -> None:
     """A sweep worker's ask/tell loop: stop at the first ask past the grid (marked surplus)."""
-    start.wait()
+    start.wait()  # they race to create Optuna's tables in the empty database
     # Every worker builds the same sampler from the same study file: the grid's shuffle order agrees.
     study = open_study(url, "grid", sampler=AskTellGridSampler(GRID))
+    start.wait()  # and on the grid: a worker that lost the first race (and waited to retry) still takes part
     while True:
         trial = study.ask()
         record_heartbeat(study, trial._trial_id)
@@ -136,9 +141,8 @@ def grid_worker(url: str, index: int, start) -> None:
 
 def test_workers_racing_on_a_grid_study_run_each_point_exactly_once(url):
     n_workers = 3
-    # Optuna creates its tables when a storage is first opened; first opens of an empty PostgreSQL
-    # database at the same moment collide (a duplicate type), so one process creates them first.
-    open_storage(url)
+    # The database is empty: the workers' first opens race to create Optuna's tables (open_storage
+    # retries the losers).
     context = multiprocessing.get_context("fork")  # the workers share nothing but the database
     start = context.Barrier(n_workers)
     workers = [context.Process(target=grid_worker, args=(url, i, start)) for i in range(n_workers)]
@@ -161,3 +165,28 @@ def test_workers_racing_on_a_grid_study_run_each_point_exactly_once(url):
     assert all(t.state == TrialState.FAIL and t.number >= N_POINTS and not t.params for t in surplus)
     assert sorted(t.user_attrs["worker"] for t in surplus) == list(range(n_workers))  # one each
     assert {t.user_attrs["worker"] for t in complete} == set(range(n_workers))  # they did race
+
+
+def test_env_storage_keeps_the_password_out_of_files_attributes_and_output(url, tmp_path):
+    """storage: env:NAME with a password-bearing URL in NAME (the socket's trust login ignores the
+    password): the worker and the trial's training run both open the database, and the password
+    is in no file of the study folder, no attribute of the study or its trial, no printed line."""
+    password = "hunter2-md4-sweep"
+    secret_url = url.replace("postgres@", f"postgres:{password}@", 1)
+    assert password in secret_url
+    space = {"schedule": {"type": "categorical", "choices": ["cosine"], "arg": "model.init_args.schedule"}}
+    study_file = write_study(tmp_path, search_space=space, storage="env:MD4_TEST_STORAGE")
+    proc = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(study_file)], cwd=tmp_path,
+                          env={**ENV, "MD4_TEST_STORAGE": secret_url}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="s", storage=open_storage(secret_url))
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.intermediate_values  # the run reported through it
+    assert "--trainer.callbacks.init_args.storage=env:MD4_TEST_STORAGE" in trial.user_attrs["command"]
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert any(f.name == "config.yaml" for f in files) and any(f.name == "stderr.log" for f in files)
+    for f in files:
+        assert password.encode() not in f.read_bytes(), f
+    shown = [proc.stdout, proc.stderr, repr(study.user_attrs),
+             repr(trial.user_attrs), repr(trial.system_attrs)]
+    assert not [text for text in shown if password in text]
