@@ -7,6 +7,9 @@ ranks through the storage's system attributes. Here the training run gets the tr
 rank 0 alone talks to the storage (any kind, journal included) at every validation, and the
 decision reaches the other ranks by ``strategy.broadcast``, so all ranks stop at the same step.
 
+At the first validation rank 0 checks that every objective metric was logged; a misspelt one
+fails the run there on every rank (:class:`ObjectiveNotLogged`) instead of after the whole training.
+
 Rank 0 also keeps ``progress.json`` (the step, at most every ``PROGRESS_EVERY_S`` seconds) for the
 worker's no-progress limit, and a report that the storage refuses never stops the training: a
 storage error is retried, and a trial already finished (failed as stale while its worker was
@@ -27,10 +30,15 @@ import optuna
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from sweeps.spec import build_pruner
+from sweeps.spec import StudyError, build_pruner, check_objective_metric, redact_secrets
 from sweeps.storage import open_storage, retrying
 
 PROGRESS_EVERY_S = 1.0  # rank 0 writes progress.json at most this often
+
+
+class ObjectiveNotLogged(StudyError):
+    """An objective metric of the study was not logged at the run's first validation: every trial
+    would fail the same way, so the worker counts it as a training failure (not retried)."""
 
 
 def result_path(trial_dir: Path, rank: int) -> Path:
@@ -71,6 +79,8 @@ class OptunaTrial(pl.Callback):
         trial_id: Optuna's storage id of the trial (not its number).
         metric: the objective to report for pruning; ``None`` for multi-objective studies, which
             Optuna cannot prune.
+        objectives: every objective metric of the study, checked at the first validation
+            (default: ``metric``).
         pruner: the study file's ``pruner`` mapping (a storage keeps no pruner, so the trial builds it).
         params: the trial's parameters, for the HPARAMS tab.
         hparam_metrics: metrics shown beside the parameters in the HPARAMS tab.
@@ -78,9 +88,11 @@ class OptunaTrial(pl.Callback):
     """
 
     def __init__(self, storage: str, study_name: str, trial_id: int, trial_dir: str, metric: str | None = None,
-                 pruner: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
-                 hparam_metrics: list[str] | None = None) -> None:
+                 objectives: list[str] | None = None, pruner: dict[str, Any] | None = None,
+                 params: dict[str, Any] | None = None, hparam_metrics: list[str] | None = None) -> None:
         self.storage, self.study_name, self.trial_id = storage, study_name, trial_id
+        self.objectives = objectives if objectives is not None else ([metric] if metric else [])
+        self._objectives_checked = False
         self.pruner = pruner or {"name": "none"}
         self.trial_dir, self.metric = Path(trial_dir), metric
         self.params = params or {}
@@ -121,14 +133,33 @@ class OptunaTrial(pl.Callback):
                   "not beat); training on without reports, the worker gives the result to its rerun",
                   file=sys.stderr, flush=True)
         except Exception as err:  # the storage's own errors: skip this report, never the training
-            print(f"md4-sweep: report at step {step} not recorded: {type(err).__name__}: {err}", file=sys.stderr,
-                  flush=True)
+            print(f"md4-sweep: report at step {step} not recorded: {type(err).__name__}: {redact_secrets(str(err))}",
+                  file=sys.stderr, flush=True)
             return False
         self._trial = None
         return False
 
+    def _check_objectives(self, trainer: pl.Trainer) -> None:
+        """Once, at the first validation: raise :class:`ObjectiveNotLogged` on every rank when rank 0
+        did not log an objective metric (one rank raising alone would leave the others in a collective)."""
+        self._objectives_checked = True
+        problem = None
+        if trainer.is_global_zero:
+            try:
+                for metric in self.objectives:
+                    check_objective_metric(metric, trainer.callback_metrics)
+            except StudyError as err:
+                problem = str(err)
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem is not None:
+            raise ObjectiveNotLogged(problem)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.metric is None:
+        if trainer.sanity_checking:
+            return
+        if not self._objectives_checked:
+            self._check_objectives(trainer)
+        if self.metric is None:
             return
         prune = False
         if trainer.is_global_zero and self._trial is not None and self.metric in trainer.callback_metrics:

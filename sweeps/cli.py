@@ -2,6 +2,7 @@
 
     md4-sweep check sweeps/studies/dropout.yaml         # every grid point's md4 fit --print_config builds
     md4-sweep run sweeps/studies/dropout.yaml           # a worker; start more to share the study
+    md4-sweep run --retry-failed STUDY.yaml             # rerun the failed trials (resumed), then go on
     md4-sweep report sweeps/studies/dropout.yaml        # table and plots of the study so far
 
 A bad study file is one line ``md4-sweep: error: <file>: <key>: <problem>`` and exit status 2,
@@ -11,6 +12,7 @@ before any storage is opened or any trial started.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -69,7 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--launcher", choices=LAUNCHERS, help="how trials start (default: the study's launcher)")
     parser.add_argument("--devices", type=int, help="processes (GPUs) per node of each trial")
     parser.add_argument("--num-nodes", type=int, help="nodes of each trial (srun only)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="run: first queue a rerun of every failed trial (same parameters and folder, resumed "
+                             "from its newest checkpoint) and reset the consecutive-failure count")
+    parser.add_argument("--worker-index", type=int, metavar="I",
+                        help="run: worker I of this machine; its trials use GPUs [I * devices, (I + 1) * devices) "
+                             "of CUDA_VISIBLE_DEVICES (sets MD4_SWEEP_WORKER)")
     args = parser.parse_args(argv)
+    if args.worker_index is not None and args.worker_index < 0:
+        parser.error(f"--worker-index: must be at least 0, got {args.worker_index}")
     # SLURM and kill send SIGTERM: exit through Python so the running trial's process is stopped too
     # (its trial stays RUNNING, and is rerun once its heartbeat lapses).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -83,8 +93,12 @@ def main(argv: list[str] | None = None) -> None:
         if spec.storage is not None:
             resolve_storage(spec.storage)  # an unset env:NAME is a study-file error, before any storage or trial
         from sweeps.report import write_report
-        from sweeps.worker import open_study, run_worker
+        from sweeps.worker import WORKER_INDEX_ENV, open_study, retry_failed, run_worker
 
+        if args.worker_index is not None:
+            os.environ[WORKER_INDEX_ENV] = str(args.worker_index)  # read where the trials' environment is built
+        if args.command == "run" and args.retry_failed:
+            retry_failed(open_study(spec), spec)
         study = run_worker(spec) if args.command == "run" else open_study(spec)
         print(redact_secrets(write_report(study, spec)))
     except StudyError as err:

@@ -62,8 +62,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from lightning_md4.checkpointing import PREEMPTED_EXIT_CODE
-from sweeps.callback import OptunaTrial, read_progress, result_path
-from sweeps.spec import StudyError, StudySpec, make_pruner, make_sampler
+from sweeps.callback import ObjectiveNotLogged, OptunaTrial, read_progress, result_path
+from sweeps.spec import StudyError, StudySpec, check_fingerprint, make_pruner, make_sampler, redact_secrets
 from sweeps.storage import absolute_storage, beat_with_retry, fail_stale_trials, open_storage, requeue
 
 # The worker records heartbeats itself (Optuna starts its heartbeat thread only in optimize).
@@ -83,8 +83,9 @@ INFRA_MARKERS = ("NCCL", "ncclInternalError", "Watchdog caught collective operat
                  "RendezvousTimeoutError", "DistNetworkError", "DistStoreError", "Connection closed by peer",
                  "Connection reset by peer", "Node failure", "NODE_FAIL", "Job step aborted",
                  "uncorrectable ECC error", "CUDA error: unknown error")
-# A training error: rerunning the same parameters fails the same way.
-TRAINING_MARKERS = ("FloatingPointError", "md4: error")
+# A training error: rerunning the same parameters fails the same way (a misspelt objective metric
+# fails every trial; its DDP peers' broken collectives must not make it look like infrastructure).
+TRAINING_MARKERS = ("FloatingPointError", "md4: error", ObjectiveNotLogged.__name__)
 NO_PROGRESS, WALL_CLOCK, WORKER_STOPPED = "md4-sweep: no progress", "md4-sweep: wall-clock limit", "md4-sweep: worker stopped"
 TRAINING, INFRA, LIMIT, PREEMPTED, STOPPED, LATE = "training", "infra", "limit", "preempted", "stopped", "late"
 
@@ -116,7 +117,8 @@ def storage_url(spec: StudySpec) -> str:
 
 
 def open_study(spec: StudySpec) -> optuna.Study:
-    """Create the study, or load it when another worker (or an earlier run) already has."""
+    """Create the study, or load it when another worker (or an earlier run) already has; refuse a
+    study file that differs from the one the study was created with."""
     storage = open_storage(storage_url(spec), spec.heartbeat.interval, spec.heartbeat.grace_period, spec.max_retry)
     directions = [o.direction for o in spec.objectives]
     study = optuna.create_study(storage=storage, study_name=spec.name, sampler=make_sampler(spec),
@@ -124,6 +126,7 @@ def open_study(spec: StudySpec) -> optuna.Study:
     if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
         raise StudyError(f"study {spec.name!r} in {storage_url(spec)} was created with other directions "
                          f"({[d.name.lower() for d in study.directions]}); use a new study name or storage")
+    check_fingerprint(study, spec)  # a worker with an edited study file would run other trials under the same name
     return study
 
 
@@ -192,7 +195,7 @@ def build_command(spec: StudySpec, trial: optuna.Trial, params: dict[str, Any], 
                             "save_top_k": 1, "train_time_interval": seconds_text(CHECKPOINT_INTERVAL_S)}}
     callback_args = {"storage": storage_url(spec), "study_name": spec.name, "trial_id": trial._trial_id,
                      "trial_dir": str(trial_dir), "metric": None if spec.multi_objective else spec.objectives[0].metric,
-                     "pruner": spec.pruner,
+                     "objectives": [o.metric for o in spec.objectives], "pruner": spec.pruner,
                      "params": params, "hparam_metrics": [o.metric for o in spec.objectives] + spec.report_metrics}
     fit += [f"--trainer.default_root_dir={trial_dir}", f"--trainer.logger={json.dumps(logger)}",
             "--trainer.enable_checkpointing=true", f"--trainer.callbacks+={json.dumps(resume)}", "--ckpt_path=last",
@@ -621,7 +624,7 @@ def tell(spec: StudySpec, study: optuna.Study, trial: optuna.Trial, trial_dir: P
     if returncode != 0 or not result_file.is_file():
         stderr = attempt_stderr(trial_dir, offset)
         kind = failure_kind(returncode, stderr, progressed)
-        trial.set_user_attr("error", f"exit code {returncode}: {stderr[-ERROR_TAIL:]}")
+        trial.set_user_attr("error", f"exit code {returncode}: {redact_secrets(stderr)[-ERROR_TAIL:]}")
         trial.set_user_attr(FAILURE, kind)
         study.tell(trial, state=TrialState.FAIL)
         limit = Policy.of(spec).retry_limit(kind)

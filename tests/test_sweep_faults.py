@@ -20,10 +20,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeps.callback import read_progress
+from sweeps import cli
+from sweeps.callback import ObjectiveNotLogged, OptunaTrial, read_progress
 from sweeps.spec import StudyError, load_spec
-from sweeps.storage import fail_stale_trials, open_storage
-from sweeps.worker import NO_PROGRESS, WALL_CLOCK, Policy, TrialWatch, launch, retry_failed, run_worker, storage_url
+from sweeps.storage import beat_with_retry, fail_stale_trials, open_storage
+from sweeps.worker import (NO_PROGRESS, WALL_CLOCK, WORKER_INDEX_ENV, Policy, TrialWatch, failure_kind, launch,
+                           retry_failed, run_worker, storage_url)
 from test_sweeps import ENV, TINY, write_study
 
 SPACE_1 = {"schedule": {"type": "categorical", "choices": ["linear"], "arg": "model.init_args.schedule"}}
@@ -254,3 +256,131 @@ def test_consecutive_failures_stop_the_study_and_retry_failed_reruns_them(tmp_pa
     assert retry_failed(study, spec) == [0, 1, 2]
     trials = run_worker(spec).get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 6 and len(trials) == 9
+
+
+# -- the wiring: fingerprint, objective check, redaction, md4-sweep run flags ----------------------
+def test_a_worker_with_an_edited_study_file_is_refused(tmp_path, monkeypatch):
+    stub_runs(monkeypatch, lambda p, a: (0, "", 1.0))
+    run_worker(load_spec(write_study(tmp_path, search_space=GRID_3)))
+    edited = write_study(tmp_path, search_space=GRID_3, args=[*TINY, "--trainer.max_steps=8"])
+    with pytest.raises(StudyError, match=r"created from another version of this study file \(differs in: args\[1[0-9]\]"):
+        run_worker(load_spec(edited))
+    assert len(open_(edited).get_trials()) == 3  # nothing ran under the edited file
+
+
+def test_a_misspelt_objective_fails_the_trial_at_its_first_validation(tmp_path):
+    """A real run of 400 steps validated every 2, the second of two objectives misspelt (a
+    multi-objective study, which reports nothing for pruning): the run stops at its first
+    validation, and the failure is a training one, not retried."""
+    study_file = write_study(tmp_path, search_space=SPACE_1, args=[*TINY, "--trainer.max_steps=400"],
+                             objectives=[{"metric": "val/nelbo"}, {"metric": "val/nelbx"}])
+    trials = run_worker(load_spec(study_file)).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL]
+    assert trials[0].user_attrs["failure"] == "training"
+    error = trials[0].user_attrs["error"]
+    assert "ObjectiveNotLogged: objectives: metric 'val/nelbx' was not logged at the first validation" in error
+    assert "val/nelbo" in error.split("logged: ")[-1]
+    assert read_progress(tmp_path / "study" / "trial_0000")["step"] <= 2
+
+
+class FakeStrategy:
+    def __init__(self, rank_zero_says: str | None) -> None:
+        self.rank_zero_says, self.calls = rank_zero_says, 0
+
+    def broadcast(self, obj, src=0):
+        self.calls += 1
+        return self.rank_zero_says
+
+
+class FakeTrainer:
+    sanity_checking = False
+    global_step = 2
+
+    def __init__(self, rank: int, metrics: dict, strategy: FakeStrategy) -> None:
+        self.is_global_zero, self.callback_metrics, self.strategy = rank == 0, metrics, strategy
+
+
+def test_every_rank_raises_when_rank_zero_misses_an_objective(tmp_path):
+    """Rank 0 alone checks the logged metrics; the other ranks raise too, from its broadcast
+    decision, instead of waiting in their next collective for the DDP timeout."""
+    callback = OptunaTrial("sqlite://", "s", 0, str(tmp_path), objectives=["val/nelbo", "val/nelbx"])
+    strategy = FakeStrategy("objectives: metric 'val/nelbx' was not logged at the first validation; logged: x")
+    with pytest.raises(ObjectiveNotLogged, match="'val/nelbx' was not logged"):
+        callback.on_validation_end(FakeTrainer(1, {}, strategy), None)
+    fine = OptunaTrial("sqlite://", "s", 0, str(tmp_path), objectives=["val/nelbo"])
+    quiet = FakeStrategy(None)
+    for _ in range(3):
+        fine.on_validation_end(FakeTrainer(1, {}, quiet), None)
+    assert quiet.calls == 1  # one collective, at the first validation only
+
+
+def test_secrets_in_errors_are_redacted(tmp_path, monkeypatch, capsys):
+    """A run's stderr, a failed heartbeat and a refused report may name the storage URL: the
+    trial's error attribute and the printed lines show it without its password."""
+    url = "postgresql://sweeper:hunter2@db.example/optuna"
+    stub_runs(monkeypatch, lambda p, a: (1, f"sqlalchemy.exc.OperationalError: cannot reach {url}\n", None))
+    (trial,) = run_worker(load_spec(write_study(tmp_path, search_space=SPACE_1))).get_trials()
+    assert "postgresql://sweeper:***@db.example/optuna" in trial.user_attrs["error"]
+
+    class Unreachable:
+        _storage = None
+
+    monkeypatch.setattr("sweeps.storage.record_heartbeat", lambda study, trial_id: (_ for _ in ()).throw(
+        OSError(f"cannot reach {url}")))
+    monkeypatch.setattr("sweeps.storage.time.sleep", lambda s: None)
+    assert beat_with_retry(Unreachable(), 0) is False
+    callback = OptunaTrial("sqlite://", "s", 0, str(tmp_path), metric="val/nelbo")
+
+    class BrokenTrial:
+        def report(self, value, step):
+            raise OSError(f"cannot reach {url}")
+
+    callback._trial = BrokenTrial()
+    assert callback._report(1.0, 2) is False
+    printed = capsys.readouterr()
+    assert "hunter2" not in printed.out + printed.err and printed.err.count("sweeper:***@db.example") == 2
+
+
+def test_run_retry_failed_requeues_the_failed_trials(tmp_path, monkeypatch):
+    """md4-sweep run --retry-failed: the trial that failed (a training error, final) runs again in
+    its folder, and the study completes."""
+    broken = {"on": True}
+    attempts = stub_runs(monkeypatch, lambda p, a: (1, "FloatingPointError: nan\n", None)
+                         if broken["on"] and p["schedule"] == "cosine" else (0, "", 1.0))
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
+    study_file = write_study(tmp_path, search_space=GRID_3)
+    cli.main(["run", str(study_file)])
+    cli.main(["run", str(study_file)])  # without the flag a final failure stays failed
+    assert [t.state for t in open_(study_file).get_trials()] == [TrialState.COMPLETE, TrialState.FAIL,
+                                                                 TrialState.COMPLETE]
+    broken["on"] = False
+    cli.main(["run", str(study_file), "--retry-failed"])
+    trials = open_(study_file).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE,
+                                         TrialState.COMPLETE]
+    assert trials[3].system_attrs["failed_trial"] == 1 and trials[3].params == trials[1].params
+    assert [d.name for p, d in attempts if p == trials[1].params] == ["trial_0001", "trial_0001"]
+
+
+def test_a_missing_objective_is_a_training_failure_whatever_else_broke():
+    """The rank that raised ObjectiveNotLogged may take its peers' collectives down with it: their
+    connection errors must not make a misspelt metric look like infrastructure (retried)."""
+    stderr = ("RuntimeError: [gloo] Connection reset by peer\n"
+              "sweeps.callback.ObjectiveNotLogged: objectives: metric 'val/nelbx' was not logged\n")
+    assert failure_kind(1, stderr) == "training"
+    assert failure_kind(1, stderr.splitlines()[0]) == "infra"
+
+
+def test_run_worker_index_picks_the_workers_gpus(tmp_path, monkeypatch):
+    """md4-sweep run --worker-index 1 with 2 devices per trial: GPUs 2 and 3 of those visible."""
+    import sweeps.worker as worker
+
+    seen = []
+    monkeypatch.setattr(worker, "launch", lambda command, trial_dir, watch, interval: seen.append(
+        watch.env["CUDA_VISIBLE_DEVICES"]) or 1)
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7,8")
+    monkeypatch.delenv(WORKER_INDEX_ENV, raising=False)  # restored after the test, whatever main sets
+    study_file = write_study(tmp_path, search_space=SPACE_1, launcher={"kind": "torchrun", "devices": 2})
+    cli.main(["run", str(study_file), "--worker-index", "1"])
+    assert seen == ["6,7"]
