@@ -93,6 +93,10 @@ def lightning_cli(argv: list[str] | None) -> None:
             super().setup(trainer, pl_module, stage)
 
         def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            # A sweep trial's session (its hyperparameters and final state) is written by its study:
+            # an entry of ours would show every trial, pruned or failed, as a success.
+            if any(getattr(cb, "hparams_by_study", False) for cb in trainer.callbacks):
+                return
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     write_hparams(logger, run_hparams(pl_module, trainer.datamodule))

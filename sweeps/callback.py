@@ -28,7 +28,6 @@ from typing import Any
 import lightning.pytorch as pl
 import optuna
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from sweeps.spec import StudyError, build_pruner, check_objective_metric, redact_secrets
 from sweeps.storage import open_storage, retrying
@@ -69,9 +68,10 @@ def write_progress(trial_dir: Path, record: dict[str, Any]) -> None:
 class OptunaTrial(pl.Callback):
     """Report the objective to an Optuna trial at each validation and stop every rank if it is pruned.
 
-    At the end of fit every rank writes ``result.rank{r}.json`` (``pruned``, ``step`` and the final
-    scalar metrics) into ``trial_dir`` for the sweep worker, and rank 0 writes the trial's
-    parameters with the final metrics to TensorBoard's HPARAMS tab.
+    At the end of fit every rank writes ``result.rank{r}.json`` (``pruned``, ``step``, the final
+    scalar metrics and the run's ``params``) into ``trial_dir`` for the sweep worker. The run's
+    HPARAMS session is the study's (:mod:`sweeps.tensorboard`, written by the worker): ``md4 fit``
+    writes none of its own for a run with this callback (``hparams_by_study``).
 
     Args:
         storage: the study's storage URL (see :mod:`sweeps.storage`).
@@ -82,21 +82,22 @@ class OptunaTrial(pl.Callback):
         objectives: every objective metric of the study, checked at the first validation
             (default: ``metric``).
         pruner: the study file's ``pruner`` mapping (a storage keeps no pruner, so the trial builds it).
-        params: the trial's parameters, for the HPARAMS tab.
-        hparam_metrics: metrics shown beside the parameters in the HPARAMS tab.
+        params: the run's parameters and its seed, recorded in its result.
         trial_dir: where the result files go.
     """
 
+    # Read by md4 fit's run record: a session of its own would end SUCCESS whatever the trial's state.
+    hparams_by_study = True
+
     def __init__(self, storage: str, study_name: str, trial_id: int, trial_dir: str, metric: str | None = None,
                  objectives: list[str] | None = None, pruner: dict[str, Any] | None = None,
-                 params: dict[str, Any] | None = None, hparam_metrics: list[str] | None = None) -> None:
+                 params: dict[str, Any] | None = None) -> None:
         self.storage, self.study_name, self.trial_id = storage, study_name, trial_id
         self.objectives = objectives if objectives is not None else ([metric] if metric else [])
         self._objectives_checked = False
         self.pruner = pruner or {"name": "none"}
         self.trial_dir, self.metric = Path(trial_dir), metric
         self.params = params or {}
-        self.hparam_metrics = hparam_metrics or ([metric] if metric else [])
         self.pruned = False
         self._trial: optuna.trial.Trial | None = None
         self._start_step = 0
@@ -174,11 +175,5 @@ class OptunaTrial(pl.Callback):
                    if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)}
         self.trial_dir.mkdir(parents=True, exist_ok=True)
         result = {"pruned": self.pruned, "step": trainer.global_step, "start_step": self._start_step,
-                  "metrics": metrics}
+                  "metrics": metrics, "params": self.params}
         result_path(self.trial_dir, trainer.global_rank).write_text(json.dumps(result, indent=1))
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    # "final/" keeps these single points out of the metrics' own curves.
-                    shown = {f"final/{m}": metrics[m] for m in self.hparam_metrics if m in metrics}
-                    logger.log_hyperparams(self.params, metrics=shown)

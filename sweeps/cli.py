@@ -32,11 +32,12 @@ class CheckTrial:
 
 
 def fit_command(spec: StudySpec, params: dict[str, Any], trial_dir: Path) -> list[str]:
-    """The ``md4 fit`` command of a trial with ``params``, as the worker builds it, without its launcher
-    (torchrun, srun): ``--print_config`` needs one process and no GPU."""
+    """The ``md4 fit`` command of a trial's first run with ``params``, as the worker builds it (the
+    study's first seed, its evaluation draws), without its launcher (torchrun, srun):
+    ``--print_config`` needs one process and no GPU."""
     from sweeps.worker import build_command  # imports Lightning: only for the commands that run md4
 
-    command = build_command(spec, CheckTrial(), params, trial_dir)
+    command = build_command(spec, CheckTrial(), params, trial_dir, spec.seeds[0])
     start = command.index("lightning_md4.cli") - 1  # the "-m" after the launcher's python
     return [sys.executable, *command[start:]]
 

@@ -32,6 +32,14 @@ error ``md4: error``, any other exception) and a wall-clock limit are final. A s
 ``failures.max_consecutive`` told attempts failed stops every worker with the most common error;
 :func:`retry_failed` queues the final failures again.
 
+Seeds (:func:`sweeps.spec.trial_seeds`): a grid trial is one (configuration, seed) run in its folder;
+a trial of another sampler runs every seed of its configuration, one after another, in
+``trial_<n>/seed_<s>``. Only the first seed reports intermediate values, so the pruner judges every
+trial on one curve; a pruned first seed prunes the trial, a failed seed fails it (a rerun skips the
+seeds that finished), and otherwise the trial is told the mean over seeds with the value of each in
+``user_attrs["seed_values"]``. Each run is a session of the study's TensorBoard view
+(:mod:`sweeps.tensorboard`): started before its first launch, ended once its outcome is final.
+
 A worker returns when the study holds ``n_trials`` trials and none is still running or waiting.
 """
 
@@ -52,7 +60,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,8 +71,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lightning_md4.checkpointing import PREEMPTED_EXIT_CODE
 from sweeps.callback import ObjectiveNotLogged, OptunaTrial, read_progress, result_path
-from sweeps.spec import StudyError, StudySpec, check_fingerprint, make_pruner, make_sampler, redact_secrets
+from sweeps.spec import (SEED_PARAM, SEEDS_ATTR, StudyError, StudySpec, check_fingerprint, make_pruner, make_sampler,
+                         redact_secrets, trial_seeds)
 from sweeps.storage import absolute_storage, beat_with_retry, fail_stale_trials, open_storage, requeue
+from sweeps.tensorboard import write_experiment, write_session_end, write_session_start
 
 # The worker records heartbeats itself (Optuna starts its heartbeat thread only in optimize).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
@@ -76,6 +86,7 @@ STREAK_SINCE = "failure_streak_since"  # study user attribute: failures before i
 CHECKPOINT_INTERVAL_S = 600.0  # a sweep trial's resume checkpoint, every this many seconds of training
 RESUME_DIR = "resume"  # that checkpoint's folder in the trial's folder
 LOCK_FILE = ".lock"
+SESSION_FILE = "session.json"  # a run's TensorBoard session: when it started, and its state once ended
 WORKER_INDEX_ENV = "MD4_SWEEP_WORKER"  # i: this worker's trials use GPUs [i * devices, (i + 1) * devices)
 KILL_WAIT_S = 10.0  # after SIGKILL: how long to wait for the processes to be gone
 # An infrastructure failure, as the run's stderr names it (a rank or node lost, collectives broken).
@@ -144,6 +155,7 @@ def run_worker(spec: StudySpec, poll: float | None = None) -> optuna.Study:
     Raises :class:`StudyError` when the study's last ``failures.max_consecutive`` attempts failed.
     """
     study = open_study(spec)
+    write_experiment(spec, Path(spec.study_dir).resolve())
     poll = spec.heartbeat.interval if poll is None else poll
     env = trial_environment(spec, os.environ)
     while True:
@@ -172,13 +184,18 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
     return params
 
 
-def build_command(spec: StudySpec, trial: optuna.Trial, params: dict[str, Any], trial_dir: Path) -> list[str]:
-    """The ``md4 fit`` command line of one trial, with its launcher in front.
+def build_command(spec: StudySpec, trial: optuna.Trial, params: dict[str, Any], trial_dir: Path,
+                  seed: int | None = None, reports: bool = True) -> list[str]:
+    """The ``md4 fit`` command line of one run of a trial (``params`` at ``seed``, default the study's
+    first), with its launcher in front; ``reports``: the run reports intermediate values for pruning
+    (a trial's first seed only).
 
-    Every trial resumes (``--ckpt_path last``: a fresh folder simply starts) and checkpoints into
-    ``trial_dir/resume`` every ``CHECKPOINT_INTERVAL_S`` seconds; a multi-process trial's
-    collectives time out after ``launcher.ddp_timeout_s``.
+    The seed and the objective's evaluation draws come after the parameters' arguments, so a choice
+    that sets ``--model`` cannot reset them. Every run resumes (``--ckpt_path last``: a fresh folder
+    simply starts) and checkpoints into ``trial_dir/resume`` every ``CHECKPOINT_INTERVAL_S`` seconds;
+    a multi-process run's collectives time out after ``launcher.ddp_timeout_s``.
     """
+    seed = spec.seeds[0] if seed is None else seed
     launcher = spec.launcher
     fit = ["-m", "lightning_md4.cli", "fit"]
     for config in spec.base_configs:
@@ -186,6 +203,7 @@ def build_command(spec: StudySpec, trial: optuna.Trial, params: dict[str, Any], 
     fit += spec.args
     for name, value in params.items():
         fit += spec.search_space[name].cli_args(value)
+    fit += spec.seed_args(seed) + spec.evaluation_args()
     logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
               "init_args": {"save_dir": str(trial_dir.parent), "name": trial_dir.name, "version": "",
                             "default_hp_metric": False}}
@@ -194,9 +212,10 @@ def build_command(spec: StudySpec, trial: optuna.Trial, params: dict[str, Any], 
               "init_args": {"dirpath": str(trial_dir / RESUME_DIR), "filename": "interval-{step}", "save_last": True,
                             "save_top_k": 1, "train_time_interval": seconds_text(CHECKPOINT_INTERVAL_S)}}
     callback_args = {"storage": storage_url(spec), "study_name": spec.name, "trial_id": trial._trial_id,
-                     "trial_dir": str(trial_dir), "metric": None if spec.multi_objective else spec.objectives[0].metric,
+                     "trial_dir": str(trial_dir),
+                     "metric": spec.objectives[0].metric if reports and not spec.multi_objective else None,
                      "objectives": [o.metric for o in spec.objectives], "pruner": spec.pruner,
-                     "params": params, "hparam_metrics": [o.metric for o in spec.objectives] + spec.report_metrics}
+                     "params": {**params, SEED_PARAM: seed}}
     fit += [f"--trainer.default_root_dir={trial_dir}", f"--trainer.logger={json.dumps(logger)}",
             "--trainer.enable_checkpointing=true", f"--trainer.callbacks+={json.dumps(resume)}", "--ckpt_path=last",
             f"--trainer.callbacks+={OptunaTrial.__module__}.{OptunaTrial.__name__}"]
@@ -281,7 +300,7 @@ def trial_folder(spec: StudySpec, trial: FrozenTrial) -> Path:
 
 
 def run_trial(spec: StudySpec, study: optuna.Study, env: dict[str, str] | None = None) -> None:
-    """Ask one trial, run its training to the end (or resume it) and tell its outcome."""
+    """Ask one trial, run each of its seeds to the end (or resume it) and tell the trial's outcome."""
     trial = study.ask()
     # Optuna has no public storage id of a trial; the callback and the heartbeat need it.
     watch = TrialWatch(lambda: beat_with_retry(study, trial._trial_id), Policy.of(spec), env)
@@ -296,32 +315,103 @@ def run_trial(spec: StudySpec, study: optuna.Study, env: dict[str, str] | None =
         study.tell(trial, state=TrialState.FAIL)
         return
     params = suggest(trial, spec)
+    seeds = trial_seeds(spec, trial)
     trial_dir = trial_folder(spec, frozen)
     trial_dir.mkdir(parents=True, exist_ok=True)
     watch.lock = FolderLock(trial_dir)
     watch.lock.acquire(watch, spec.heartbeat.interval, watch.policy.kill_grace_s)
     try:
-        if result_path(trial_dir, 0).is_file():  # an earlier attempt finished, but its tell did not land
-            print(f"[md4-sweep] {spec.name} trial {trial.number}: {trial_dir} holds a finished run; telling its result",
-                  flush=True)
-            tell(spec, study, trial, trial_dir, 0)
-            return
-        command = build_command(spec, trial, params, trial_dir)
         trial.set_user_attr("trial_dir", str(trial_dir))
-        trial.set_user_attr("command", shlex.join(command))
-        start_step = read_progress(trial_dir).get("step", 0)
-        resumed = f" (resuming {trial_dir.name} from step {start_step})" if start_step else ""
-        print(f"[md4-sweep] {spec.name} trial {trial.number}: {params}{resumed}", flush=True)
-        offset = log_size(trial_dir)
-        try:
-            returncode = launch(command, trial_dir, watch, spec.heartbeat.interval)
-        except BaseException:  # the worker is stopping (SIGTERM, Ctrl-C): launch has stopped the trial
-            requeue_stopped(spec, study, trial, trial_dir, offset)
-            raise
-        progressed = read_progress(trial_dir).get("step", 0) > start_step
-        tell(spec, study, trial, trial_dir, returncode, offset, progressed)
+        finished: dict[int, Outcome] = {}
+        for seed, run_dir in run_folders(trial_dir, seeds).items():
+            outcome = run_seed(spec, study, trial, params, seed, run_dir, watch, reports=not finished)
+            if outcome.state != TrialState.COMPLETE:
+                if len(seeds) > 1:
+                    outcome = replace(outcome, error=outcome.error and f"seed {seed}: {outcome.error}")
+                if tell(spec, study, trial, outcome):  # a failure that is rerun has no end yet
+                    end_session(spec, run_dir, params, outcome)
+                return
+            finished[seed] = outcome
+        tell(spec, study, trial, over_seeds(spec, finished))
     finally:
         watch.lock.release()
+
+
+def run_folders(trial_dir: Path, seeds: list[int]) -> dict[int, Path]:
+    """The folder of each seed's run: the trial's own for a single run, ``seed_<s>`` in it for several."""
+    if len(seeds) == 1:
+        return {seeds[0]: trial_dir}
+    return {seed: trial_dir / f"seed_{seed}" for seed in seeds}
+
+
+def run_seed(spec: StudySpec, study: optuna.Study, trial: optuna.Trial, params: dict[str, Any], seed: int,
+             run_dir: Path, watch: TrialWatch, reports: bool) -> Outcome:
+    """Run (or resume) the trial's run at ``seed`` in ``run_dir``; its outcome. A run that already
+    finished there (an earlier attempt whose tell did not land, or a seed before the one that failed)
+    is not trained again. A COMPLETE or PRUNED run's session ends here: its outcome is final whatever
+    the trial's later seeds do."""
+    if result_path(run_dir, 0).is_file():
+        print(f"[md4-sweep] {spec.name} trial {trial.number}: {run_dir} holds a finished run; telling its result",
+              flush=True)
+        outcome = run_outcome(spec, run_dir, 0)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        command = build_command(spec, trial, params, run_dir, seed, reports)
+        trial.set_user_attr("command", shlex.join(command))  # the trial's latest run
+        start_step = read_progress(run_dir).get("step", 0)
+        resumed = f" (resuming {run_dir.name} from step {start_step})" if start_step else ""
+        print(f"[md4-sweep] {spec.name} trial {trial.number}: {({**params, SEED_PARAM: seed})}{resumed}", flush=True)
+        start_session(spec, run_dir, params, seed)
+        offset = log_size(run_dir)
+        try:
+            returncode = launch(command, run_dir, watch, spec.heartbeat.interval)
+        except BaseException:  # the worker is stopping (SIGTERM, Ctrl-C): launch has stopped the run
+            requeue_stopped(spec, study, trial, run_dir, offset)
+            raise
+        progressed = read_progress(run_dir).get("step", 0) > start_step
+        outcome = run_outcome(spec, run_dir, returncode, offset, progressed)
+    if outcome.state != TrialState.FAIL:
+        shutil.rmtree(run_dir / RESUME_DIR, ignore_errors=True)
+        end_session(spec, run_dir, params, outcome)
+    return outcome
+
+
+def over_seeds(spec: StudySpec, finished: dict[int, Outcome]) -> Outcome:
+    """The COMPLETE outcome of a trial from its seeds' runs: the mean of each objective and of each
+    metric every run logged, the first run's step, and, when the trial ran the seeds itself (not a
+    grid trial of one seed), each seed's objective(s) for the report."""
+    runs = list(finished.values())
+    common = set.intersection(*(set(r.metrics) for r in runs))
+    metrics = {m: sum(r.metrics[m] for r in runs) / len(runs) for m in runs[0].metrics if m in common}
+    values = [sum(r.values[i] for r in runs) / len(runs) for i in range(len(spec.objectives))]
+    per_seed = None
+    if spec.seeds_per_trial:
+        per_seed = {str(s): (r.values if spec.multi_objective else r.values[0]) for s, r in finished.items()}
+    return Outcome(TrialState.COMPLETE, runs[0].step, metrics, values, seed_values=per_seed)
+
+
+def start_session(spec: StudySpec, run_dir: Path, params: dict[str, Any], seed: int) -> None:
+    """The run's TensorBoard session, written before its first launch (a resumed run keeps its own:
+    TensorBoard takes a run's first HPARAMS entry)."""
+    record = run_dir / SESSION_FILE
+    if record.is_file():
+        return
+    write_session_start(spec, run_dir, params, seed)
+    record.write_text(json.dumps({"start": time.time()}))
+
+
+def end_session(spec: StudySpec, run_dir: Path, params: dict[str, Any], outcome: Outcome) -> None:
+    """End the run's session with its final outcome, once. Its wall time runs from the session's start
+    to the run's result (the end of training), or to now for a failed run."""
+    path = run_dir / SESSION_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if "state" in record:
+        return
+    result = result_path(run_dir, 0)
+    end = result.stat().st_mtime if result.is_file() else time.time()
+    seconds = end - record["start"] if "start" in record else None
+    write_session_end(spec, run_dir, params, outcome.state.name, outcome.step, seconds, outcome.metrics)
+    path.write_text(json.dumps({**record, "state": outcome.state.name}))
 
 
 def log_size(trial_dir: Path) -> int:
@@ -342,7 +432,7 @@ def attempt_stderr(trial_dir: Path, offset: int) -> str:
 def requeue_stopped(spec: StudySpec, study: optuna.Study, trial: optuna.Trial, trial_dir: Path, offset: int) -> None:
     """Fail and requeue the trial of a stopping worker at once, instead of after its grace period."""
     try:
-        tell(spec, study, trial, trial_dir, None, offset, progressed=True)
+        tell(spec, study, trial, run_outcome(spec, trial_dir, None, offset, progressed=True))
     except Exception as err:  # the storage may be what is failing; the heartbeat lapse still reruns it
         print(f"[md4-sweep] trial {trial.number} left RUNNING ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
 
@@ -613,44 +703,70 @@ def trial_to_tell(study: optuna.Study, trial: optuna.Trial) -> optuna.Trial | No
     return optuna.trial.Trial(study, rerun._trial_id)
 
 
-def tell(spec: StudySpec, study: optuna.Study, trial: optuna.Trial, trial_dir: Path, returncode: int | None,
-         offset: int = 0, progressed: bool = True) -> None:
-    """Tell the trial (or the rerun that replaced it) the attempt's outcome; requeue it if the
-    failure policy says so; remove its resume checkpoints once it is COMPLETE or PRUNED."""
+@dataclass(frozen=True)
+class Outcome:
+    """How a run (or, over its seeds, a trial) ended: COMPLETE with its objective ``values``, PRUNED,
+    or FAIL with its ``error`` and failure ``kind`` (:func:`failure_kind`); the step it reached and
+    its final scalar metrics where known."""
+
+    state: TrialState
+    step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    values: list[float] | None = None
+    error: str | None = None
+    kind: str | None = None
+    seed_values: dict[str, Any] | None = None  # a trial that ran its seeds: each seed's objective(s)
+    run_dir: Path | None = None  # a run's folder (its logs)
+
+
+def run_outcome(spec: StudySpec, run_dir: Path, returncode: int | None, offset: int = 0,
+                progressed: bool = True) -> Outcome:
+    """The outcome of the run in ``run_dir`` from its exit status, its result file and the stderr of
+    the attempt that starts at ``offset``."""
+    result_file = result_path(run_dir, 0)
+    if returncode != 0 or not result_file.is_file():
+        stderr = attempt_stderr(run_dir, offset)
+        return Outcome(TrialState.FAIL, read_progress(run_dir).get("step"),
+                       error=f"exit code {returncode}: {redact_secrets(stderr)[-ERROR_TAIL:]}",
+                       kind=failure_kind(returncode, stderr, progressed), run_dir=run_dir)
+    result = json.loads(result_file.read_text())
+    step, metrics = result["step"], result["metrics"]
+    if result["pruned"]:
+        return Outcome(TrialState.PRUNED, step, metrics, run_dir=run_dir)
+    missing = [o.metric for o in spec.objectives if o.metric not in metrics]
+    if missing:
+        return Outcome(TrialState.FAIL, step, metrics, kind=TRAINING, run_dir=run_dir,
+                       error=f"objective {missing[0]!r} was not logged; logged: {sorted(metrics)}")
+    return Outcome(TrialState.COMPLETE, step, metrics, [metrics[o.metric] for o in spec.objectives], run_dir=run_dir)
+
+
+def tell(spec: StudySpec, study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> bool:
+    """Tell the trial (or the rerun that replaced it) its outcome, and requeue it if the failure
+    policy says so; whether the outcome is final (False: a rerun, here or by another worker, follows)."""
     trial = trial_to_tell(study, trial)
     if trial is None:
-        return
-    result_file = result_path(trial_dir, 0)
-    if returncode != 0 or not result_file.is_file():
-        stderr = attempt_stderr(trial_dir, offset)
-        kind = failure_kind(returncode, stderr, progressed)
-        trial.set_user_attr("error", f"exit code {returncode}: {redact_secrets(stderr)[-ERROR_TAIL:]}")
-        trial.set_user_attr(FAILURE, kind)
+        return False
+    if outcome.state == TrialState.FAIL:
+        trial.set_user_attr("error", outcome.error)
+        trial.set_user_attr(FAILURE, outcome.kind)
         study.tell(trial, state=TrialState.FAIL)
-        limit = Policy.of(spec).retry_limit(kind)
-        again = limit != 0 and requeue(study, study._storage.get_trial(trial._trial_id), kind, limit)
-        print(f"[md4-sweep] {spec.name} trial {trial.number} failed (exit code {returncode}, {kind}"
-              f"{'; requeued to resume' if again else ''}); see {trial_dir / 'stderr.log'}", flush=True)
-        return
-    result = json.loads(result_file.read_text())
-    trial.set_user_attr("metrics", result["metrics"])
-    trial.set_user_attr("step", result["step"])
-    if result["pruned"]:
+        limit = Policy.of(spec).retry_limit(outcome.kind)
+        again = limit != 0 and requeue(study, study._storage.get_trial(trial._trial_id), outcome.kind, limit)
+        print(f"[md4-sweep] {spec.name} trial {trial.number} failed ({outcome.kind}"
+              f"{'; requeued to resume' if again else ''}); see {outcome.run_dir / 'stderr.log'}", flush=True)
+        return not again
+    trial.set_user_attr("metrics", outcome.metrics)
+    trial.set_user_attr("step", outcome.step)
+    if outcome.state == TrialState.PRUNED:
         study.tell(trial, state=TrialState.PRUNED)
-        shutil.rmtree(trial_dir / RESUME_DIR, ignore_errors=True)
-        print(f"[md4-sweep] {spec.name} trial {trial.number} pruned at step {result['step']}", flush=True)
-        return
-    missing = [o.metric for o in spec.objectives if o.metric not in result["metrics"]]
-    if missing:
-        trial.set_user_attr("error", f"objective {missing[0]!r} was not logged; logged: {sorted(result['metrics'])}")
-        trial.set_user_attr(FAILURE, TRAINING)
-        study.tell(trial, state=TrialState.FAIL)
-        return
-    values = [result["metrics"][o.metric] for o in spec.objectives]
-    study.tell(trial, values)
-    shutil.rmtree(trial_dir / RESUME_DIR, ignore_errors=True)
+        print(f"[md4-sweep] {spec.name} trial {trial.number} pruned at step {outcome.step}", flush=True)
+        return True
+    if outcome.seed_values is not None:
+        trial.set_user_attr(SEEDS_ATTR, outcome.seed_values)
+    study.tell(trial, outcome.values)
     print(f"[md4-sweep] {spec.name} trial {trial.number} done: "
-          + ", ".join(f"{o.metric}={v:.6g}" for o, v in zip(spec.objectives, values)), flush=True)
+          + ", ".join(f"{o.metric}={v:.6g}" for o, v in zip(spec.objectives, outcome.values)), flush=True)
+    return True
 
 
 # -- the study's failure policy ----------------------------------------------------------------
