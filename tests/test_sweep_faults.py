@@ -101,7 +101,8 @@ def test_paused_worker_result_is_told_once_to_the_rerun(tmp_path):
     """SIGSTOP the worker past the grace period: another worker fails its trial as stale and queues
     a rerun. After SIGCONT the paused worker's finished run is told to that rerun: one COMPLETE
     trial with the run's value, no traceback, nothing trained twice."""
-    study_file = long_study(tmp_path, steps=120)
+    # Long enough that progress.json (written once a second) shows a step before the run ends.
+    study_file = long_study(tmp_path, steps=1200)
     trial_dir = tmp_path / "study" / "trial_0000"
     worker = start_worker(study_file, tmp_path)
     try:

@@ -21,6 +21,7 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
+from sweeps.callback import read_progress
 from sweeps.report import markdown_table, result_rows
 from sweeps.spec import StudyError, load_spec, make_pruner, make_sampler, parse_spec
 from sweeps.storage import open_storage
@@ -79,7 +80,7 @@ def test_unknown_keys_are_named(tmp_path):
     with pytest.raises(StudyError, match="no arguments for choice 'cosine'"):
         load_spec(write_study(tmp_path, search_space={
             "s": {"type": "categorical", "choices": ["linear", "cosine"], "args": {"linear": ["--x=1"]}}}))
-    with pytest.raises(StudyError, match="runs its 4 points once"):
+    with pytest.raises(StudyError, match="n_trials: a grid study runs its 4 .*once"):
         load_spec(write_study(tmp_path, n_trials=5))
     with pytest.raises(StudyError, match="cannot prune multi-objective"):
         load_spec(write_study(tmp_path, sampler={"name": "nsga2"}, n_trials=4, pruner={"name": "median"},
@@ -125,7 +126,7 @@ def test_every_sampler_and_pruner_builds(tmp_path, name):
 def test_shipped_studies_parse():
     sizes = {name: load_spec(ROOT / "sweeps" / "studies" / f"{name}.yaml").n_trials
              for name in ("schedules", "dropout", "variance")}
-    assert sizes == {"schedules": 6, "dropout": 3, "variance": 4}
+    assert sizes == {"schedules": 6 * 3, "dropout": 3 * 3, "variance": 4 * 3}  # configurations x 3 seeds
 
 
 def test_counted_trials_skip_retried_and_surplus_trials():
@@ -210,33 +211,49 @@ def _wait_for(condition, timeout: float) -> None:
 
 
 def test_killed_worker_restarts_without_lost_or_duplicate_trials(tmp_path):
-    """Kill a worker (and its training run) mid-trial: the restarted worker fails the trial once its
-    heartbeat lapses, reruns it as a new trial with the same parameters and completes the grid."""
+    """Kill a worker's process group mid-trial (the trial, a session of its own, gets its
+    parent-death SIGTERM and saves last.ckpt). A worker with an edited study file is refused in one
+    line; restarted with the same file, the worker fails the trial once its heartbeat lapses,
+    reruns it in its folder from the step it reached and completes the grid: nothing lost, nothing
+    run twice."""
     space = {"schedule": {"type": "categorical", "choices": ["linear", "cosine"], "arg": "model.init_args.schedule"}}
-    long_args = [*TINY, "--trainer.max_steps=2000", "--trainer.val_check_interval=1000"]
+    steps = 2000  # long enough for the SIGTERM to land mid-training (progress.json is written once a second)
+    long_args = [*TINY, f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
+                 "--trainer.log_every_n_steps=50"]
     study_file = write_study(tmp_path, search_space=space, args=long_args)
+    trial_dir = tmp_path / "study" / "trial_0000"
     worker = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(study_file)], cwd=tmp_path,
                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        # LightningCLI writes config.yaml into the run folder just before training starts.
-        _wait_for((tmp_path / "study" / "trial_0000" / "config.yaml").is_file, timeout=300)
-        time.sleep(3)
+        _wait_for(lambda: read_progress(trial_dir).get("step", 0) >= 20, timeout=300)
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
-    study = load(study_file)
-    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
-    # Finish quickly now: the same study with short runs.
-    short = write_study(tmp_path, search_space=space)
-    sweep("run", str(short), cwd=tmp_path)
-    trials = load(short).get_trials()
-    states = [t.state for t in trials]
-    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 2 and len(trials) == 3
-    assert trials[0].state == TrialState.FAIL
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert sorted(t.params["schedule"] for t in complete) == ["cosine", "linear"]
-    rerun = next(t for t in complete if t.system_attrs.get("failed_trial") == 0)
-    assert rerun.params == trials[0].params
+    _wait_for((trial_dir / "resume" / "last.ckpt").is_file, timeout=60)
+    reached = read_progress(trial_dir)["step"]
+    assert [t.state for t in load(study_file).get_trials()] == [TrialState.RUNNING]
+
+    write_study(tmp_path, search_space=space)  # the same study with short runs: another study
+    edited = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(study_file)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert edited.returncode == 2 and "Traceback" not in edited.stderr
+    assert edited.stderr.splitlines()[-1].startswith(
+        f"md4-sweep: error: {study_file}: study 's' was created from another version of this study file "
+        "(differs in: args[12], args[13], args[14]);")
+    assert len(load(study_file).get_trials()) == 1
+
+    write_study(tmp_path, search_space=space, args=long_args)  # the file restored
+    sweep("run", str(study_file), cwd=tmp_path)
+    trials = load(study_file).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert sorted(t.params["schedule"] for t in trials[1:]) == ["cosine", "linear"]
+    rerun = next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
+    assert rerun.params == trials[0].params and rerun.user_attrs["trial_dir"] == str(trial_dir)
+    resumed = result(rerun, 0)
+    assert resumed["start_step"] >= reached > 0 and resumed["step"] == steps
+    assert rerun.values == [resumed["metrics"]["val/nelbo"]]
+    folders = sorted(p.name for p in (tmp_path / "study").glob("trial_*"))
+    assert len(folders) == 2 and folders == sorted(Path(t.user_attrs["trial_dir"]).name for t in trials[1:])
 
 
 def test_two_torchrun_nodes_on_localhost(tmp_path):
