@@ -34,6 +34,8 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from lightning_md4.modules.base import CheckpointError
@@ -190,6 +192,20 @@ class PreemptionCheckpoint(Callback):
             print(f"md4: SIGTERM: saved {path} at step {trainer.global_step}; exiting with code "
                   f"{PREEMPTED_EXIT_CODE} (resume with --ckpt_path last)", file=sys.stderr, flush=True)
         raise Preempted(PREEMPTED_EXIT_CODE)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A SIGTERM that lands after ``on_train_batch_end`` has looked (Lightning checks again at the
+        next batch start, at epoch end and during validation) reaches us as Lightning's
+        ``SIGTERMException``, which would exit 0 with nothing saved: save ``last.ckpt`` and turn its
+        exit code into ``PREEMPTED_EXIT_CODE``. Single-process runs only: with several ranks not every
+        rank is sure to see the exception, and a save is a collective."""
+        if (not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.world_size > 1):
+            return
+        path = last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        print(f"md4: SIGTERM: saved {path} at step {trainer.global_step}; exiting with code "
+              f"{PREEMPTED_EXIT_CODE} (resume with --ckpt_path last)", file=sys.stderr, flush=True)
+        exception.code = PREEMPTED_EXIT_CODE  # SystemExit's status when Lightning re-raises it
 
 
 def install(trainer: pl.Trainer) -> None:

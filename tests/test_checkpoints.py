@@ -255,3 +255,33 @@ def test_best_skips_a_torn_best_checkpoint_for_the_next_best(tmp_path):
     path, ckpt, skipped = run_checkpoint([folder], "best")
     assert path == best1 and ckpt["global_step"] == 1
     assert len(skipped) == 1 and f"{best2} is corrupt" in skipped[0]
+
+
+class SigtermAfterPreemptionLooked(pl.Callback):
+    """SIGTERM to this process at the end of batch ``at``, after PreemptionCheckpoint's own check: the
+    race in which Lightning, not our callback, notices the signal first."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_seen_first_by_lightning_still_saves_and_exits_143(tmp_path):
+    from datamodules import DigitsDataModule
+    from lightning_md4.checkpointing import install
+    from lightning_md4.modules import MD4
+    from lightning_md4.nets import TransformerConfig
+
+    net = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16, time_conditioning=False)
+    trainer = pl.Trainer(max_steps=50, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                         default_root_dir=tmp_path, callbacks=[
+                             pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)])
+    install(trainer)
+    trainer.callbacks.append(SigtermAfterPreemptionLooked(at=3))
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.fit(MD4(17, 64, network=net), DigitsDataModule(batch_size=8))
+    assert exit_info.value.code == PREEMPTED_EXIT_CODE
+    assert step_of(tmp_path / "checkpoints" / "last.ckpt") == 3
