@@ -33,7 +33,7 @@ import torch
 
 from lightning_md4.diffusion.masked import MaskedDiffusion
 from lightning_md4.nets.transformer import Transformer, TransformerConfig
-from lightning_md4.schedules import Cosine, Linear, Schedule
+from lightning_md4.diffusion.schedules import Cosine, Linear, Schedule
 
 SIZES = ("tiny", "paper")
 SEED = 0

@@ -65,7 +65,7 @@ SIZES = {
 # Each lever adds to the row above it: (name, config changes).
 LEVERS: list[tuple[str, dict[str, Any]]] = [
     ("baseline", {}),
-    ("foreach EMA", {"ema": "lightning_md4.throughput.ForeachEMA"}),
+    ("foreach EMA", {"ema": "lightning_md4.speed_callbacks.ForeachEMA"}),
     ("progress bar every 50 steps", {"bar_refresh": 50}),
     ("torch.compile network", {"compile": True}),
     ("head on masked tokens only", {"logits_at": "masked"}),
@@ -169,7 +169,7 @@ def fit_args(size: Size, method: str, levers: dict[str, Any], tokens: Path, run_
          "init_args": {"warmup": size.warmup, "steps": size.steps, "output": str(result)}},
     ]
     if levers.get("compile"):
-        callbacks.append({"class_path": "lightning_md4.throughput.CompileNetwork"})
+        callbacks.append({"class_path": "lightning_md4.speed_callbacks.CompileNetwork"})
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -210,7 +210,7 @@ def sample_row(size: Size, device: str, cache: bool, compiled: bool) -> dict[str
     """Time MD4's sampler on an untrained network (the cost does not depend on the weights)."""
     from lightning_md4.diffusion.masked import MaskedDiffusion
     from lightning_md4.nets.transformer import Transformer, TransformerConfig
-    from lightning_md4.schedules import Cosine
+    from lightning_md4.diffusion.schedules import Cosine
 
     torch.manual_seed(0)
     cfg = TransformerConfig(n_layers=size.n_layers, d_model=size.d_model, n_heads=size.n_heads,

@@ -398,7 +398,7 @@ def check_method_argument(argv: list[str]) -> None:
 
 def sample_main(argv: list[str]) -> None:
     """``md4 sample``: load a checkpoint (EMA weights) and write samples to a PNG grid or text file."""
-    from lightning_md4.sampling import GRIDS
+    from lightning_md4.diffusion.sampling import GRIDS
 
     p = OneLineParser(prog="md4 sample", description=sample_main.__doc__)
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by md4 fit (e.g. .../last.ckpt)")
@@ -468,7 +468,7 @@ def evaluate_main(argv: list[str]) -> None:
     from jsonargparse import ActionConfigFile, ArgumentParser
     from jsonargparse.typing import PositiveInt
 
-    from lightning_md4.sampling import GRIDS
+    from lightning_md4.diffusion.sampling import GRIDS
 
     p = ArgumentParser(prog="md4 evaluate-samples", description=evaluate_main.__doc__, exit_on_error=False,
                        allow_abbrev=False)

@@ -6,7 +6,7 @@ and prints and saves one table. Perplexity is ``exp(total nats / total tokens)``
 a per-token average, not an average of per-sequence perplexities.
 
 ``md4 genppl`` samples from a checkpoint (categorical draws in float64, see
-:mod:`lightning_md4.sampling`), decodes the samples to text, retokenizes them for a causal
+:mod:`lightning_md4.diffusion.sampling`), decodes the samples to text, retokenizes them for a causal
 language model (GPT-2 large by default, from the hub or a local folder) and reports its
 perplexity on them with the samples' unigram entropy, which exposes low-diversity samples that a
 low generative perplexity would flatter.
@@ -30,7 +30,7 @@ from datamodules.tokenizer import load_tokenizer
 from datamodules.zeroshot import SETS, ZeroShotDataModule
 from lightning_md4.cli import OneLineParser, load_checkpoint, positive_int, resolve_class
 from lightning_md4.modules.base import DiffusionModule
-from lightning_md4.sampling import GRIDS
+from lightning_md4.diffusion.sampling import GRIDS
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from exact import ExactDenoiser, empirical_tv, random_distribution
 from lightning_md4.diffusion import MaskedDiffusion
 from lightning_md4.diffusion.d3pm import DiscreteDiffusion
-from lightning_md4.schedules import Linear
+from lightning_md4.diffusion.schedules import Linear
 
 V, N = 3, 3
 CONFIGS, PROBS = random_distribution(V, N, seed=0)

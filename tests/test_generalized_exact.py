@@ -10,7 +10,7 @@ import torch
 from exact import empirical_tv, random_distribution
 from lightning_md4.diffusion import GenMaskedDiffusion, MaskedDiffusion, PerTokenSchedule
 from lightning_md4.nets import Transformer, TransformerConfig
-from lightning_md4.schedules import Linear
+from lightning_md4.diffusion.schedules import Linear
 
 V, N = 3, 3
 CONFIGS, PROBS = random_distribution(V, N, seed=1)

@@ -9,7 +9,7 @@ import torch
 
 from exact import ExactDenoiser, empirical_tv, random_distribution
 from lightning_md4.diffusion import MaskedDiffusion
-from lightning_md4.schedules import Cosine, Linear, Polynomial
+from lightning_md4.diffusion.schedules import Cosine, Linear, Polynomial
 
 V, N = 3, 3
 CONFIGS, PROBS = random_distribution(V, N, seed=0)

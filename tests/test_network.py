@@ -8,7 +8,7 @@ from lightning_md4.conditioning import ClassConditioned
 from lightning_md4.diffusion import MaskedDiffusion
 from lightning_md4.modules import MD4
 from lightning_md4.nets import Transformer, TransformerConfig, network_config
-from lightning_md4.schedules import Linear
+from lightning_md4.diffusion.schedules import Linear
 
 TINY = TransformerConfig(n_layers=2, d_model=32, n_heads=4, d_cond=16, dropout=0.0)
 LABELLED = replace(TINY, num_classes=3)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightning_md4.schedules import Cosine, Geometric, Linear, Polynomial, make_schedule
+from lightning_md4.diffusion.schedules import Cosine, Geometric, Linear, Polynomial, make_schedule
 
 SCHEDULES = [Linear(), Cosine(), Polynomial(k=3.0), Polynomial(k=0.5), Geometric()]
 

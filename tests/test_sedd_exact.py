@@ -16,7 +16,7 @@ import torch
 from exact import ExactDenoiser, empirical_tv, random_distribution
 from lightning_md4.diffusion.masked import MaskedDiffusion, masked_cross_entropy
 from lightning_md4.diffusion.sedd import ScoreEntropyDiffusion
-from lightning_md4.schedules import Schedule
+from lightning_md4.diffusion.schedules import Schedule
 
 V, N = 3, 3
 CONFIGS, PROBS = random_distribution(V, N, seed=0)

@@ -21,8 +21,8 @@ from lightning_md4.diffusion.masked import MaskedDiffusion
 from lightning_md4.modules import MD4
 from lightning_md4.nets import TransformerConfig
 from lightning_md4.nets.transformer import Transformer
-from lightning_md4.schedules import Cosine, Linear
-from lightning_md4.throughput import CompileNetwork, ForeachEMA
+from lightning_md4.diffusion.schedules import Cosine, Linear
+from lightning_md4.speed_callbacks import CompileNetwork, ForeachEMA
 
 TINY = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16, time_conditioning=True)
 

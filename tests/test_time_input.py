@@ -18,7 +18,7 @@ from lightning_md4.diffusion import (DiscreteDiffusion, GenMaskedDiffusion, Mask
                                      ScoreEntropyDiffusion)
 from lightning_md4.modules import D3PM, MD4, SEDD, GenMD4
 from lightning_md4.nets.transformer import TransformerConfig
-from lightning_md4.schedules import Cosine
+from lightning_md4.diffusion.schedules import Cosine
 
 V, N, B = 5, 8, 3
 # Times off the symmetric point 1/2 and off the D3PM step boundaries (T = 10), so that t, 1 - t,

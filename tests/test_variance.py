@@ -13,7 +13,7 @@ from lightning_md4.diffusion import MaskedDiffusion
 from lightning_md4.diffusion.variance import estimator_stats, nelbo_estimate
 from lightning_md4.modules import MD4
 from lightning_md4.nets import TransformerConfig
-from lightning_md4.schedules import Cosine
+from lightning_md4.diffusion.schedules import Cosine
 
 TINY = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16)
 

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_md4.diffusion.noise import TimeRange
-from lightning_md4.sampling import (
+from lightning_md4.diffusion.sampling import (
     CachedDenoiser, Denoiser, initial_tokens, is_time_conditioned, sample_categorical,
 )
 

@@ -14,10 +14,10 @@ from torch import Tensor
 
 from lightning_md4.diffusion.cross_entropy import cross_entropy
 from lightning_md4.diffusion.noise import TimeRange
-from lightning_md4.sampling import (
+from lightning_md4.diffusion.sampling import (
     CachedDenoiser, Denoiser, initial_tokens, is_time_conditioned, sample_categorical, time_grid,
 )
-from lightning_md4.schedules import Schedule
+from lightning_md4.diffusion.schedules import Schedule
 
 
 def masked_cross_entropy(logits: Tensor, x0: Tensor, mask: Tensor, chunk_rows: int | None = None) -> Tensor:

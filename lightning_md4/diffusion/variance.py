@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_md4.sampling import Denoiser
+from lightning_md4.diffusion.sampling import Denoiser
 
 
 def nelbo_estimate(process, denoiser: Denoiser, x0: Tensor, samples_per_sequence: int = 1,

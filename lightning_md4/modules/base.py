@@ -21,7 +21,7 @@ from lightning_md4.diffusion.noise import EVAL_DRAW_STREAM  # noqa: F401  (where
 from lightning_md4.diffusion.noise import Stream, keyed_times, keyed_uniform, stratified_times, stream_id
 from lightning_md4.conditioning import ClassConditioned
 from lightning_md4.nets import NetworkConfig, build_network, network_config
-from lightning_md4.sampling import Denoiser
+from lightning_md4.diffusion.sampling import Denoiser
 
 
 class CheckpointError(ValueError):

@@ -8,7 +8,7 @@ from typing import Literal
 from lightning_md4.diffusion.masked import MaskedDiffusion
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
 from lightning_md4.nets import NetworkConfig
-from lightning_md4.schedules import make_schedule
+from lightning_md4.diffusion.schedules import make_schedule
 
 
 class MD4(DiffusionModule):
