@@ -13,7 +13,9 @@ import torch
 
 from exact import ExactDenoiser, empirical_tv, random_distribution
 from lightning_md4.diffusion import MaskedDiffusion
-from lightning_md4.diffusion.d3pm import DiscreteDiffusion
+from d3pm_reference import eps_loss
+from lightning_md4.diffusion.d3pm import AbsorbingD3PM, D3PMProcess, make_d3pm
+from lightning_md4.diffusion.sampling import time_grid
 from lightning_md4.diffusion.schedules import Linear
 
 V, N = 3, 3
@@ -113,14 +115,14 @@ def md4_discrete_nelbo(process: MaskedDiffusion, denoiser, x0: torch.Tensor, T: 
     return total
 
 
-def exact_lvb(process: DiscreteDiffusion, denoiser, x0: torch.Tensor) -> float:
+def exact_lvb(process: D3PMProcess, denoiser, x0: torch.Tensor) -> float:
     """L_vb summed over all T steps and, at each step, over every reachable x_t (no Monte Carlo).
 
     q(x_t | x0) comes from the brute-force matrix products; the per-state term from
     ``process.terms`` (its posteriors are checked against brute force separately).
     """
     T, K = process.T, process.num_states
-    _, _, Qbar = brute_matrices(process.kind, T)
+    _, _, Qbar = brute_matrices("absorb" if isinstance(process, AbsorbingD3PM) else "uniform", T)
     states = torch.tensor(list(itertools.product(range(K), repeat=N)))  # [S, N]
     w = Qbar[1:, x0[None, :], states].prod(-1)  # [T, S]
     t_idx, s_idx = torch.nonzero(w > 0, as_tuple=True)
@@ -138,7 +140,7 @@ def test_absorbing_bound_equals_md4_discrete_nelbo(T):
     """With p~ giving the mask zero probability (V logits, or V + 1 logits with a -inf mask logit),
     every KL term of absorbing D3PM at linear beta_t = 1/(T - t + 1) is MD4's weighted masked
     cross-entropy: the exact L_vb equals MD4's exact discrete NELBO to rounding, for every x0."""
-    process = DiscreteDiffusion(V, T=T, kind="absorb")
+    process = make_d3pm(V, T=T, kind="absorb")
     md4 = MaskedDiffusion(Linear(), V)
     oracle = ExactDenoiser(CONFIGS, PROBS, process.mask_id)
     for which in range(len(CONFIGS)):
@@ -156,7 +158,7 @@ def oracle_for(kind: str):
     return ExactDenoiser(CONFIGS, PROBS, V) if kind == "absorb" else UniformOracle(CONFIGS, PROBS)
 
 
-def average_lvb(process: DiscreteDiffusion, denoiser) -> float:
+def average_lvb(process: D3PMProcess, denoiser) -> float:
     """E_{x0 ~ data} of the exact L_vb: >= the data entropy H for any model (Gibbs)."""
     return sum(PROBS[w].item() * exact_lvb(process, denoiser, CONFIGS[w]) for w in range(len(CONFIGS)))
 
@@ -168,14 +170,14 @@ def test_bound_decreases_to_the_entropy(kind):
     one token changes per step, where exact per-token reverse marginals make the bound tight).
     Per sequence the bound need not be above -log p(x0) (the model is not the data law)."""
     H = -(PROBS * PROBS.log()).sum().item()
-    values = [average_lvb(DiscreteDiffusion(V, T=T, kind=kind, dtype=torch.float64), oracle_for(kind))
+    values = [average_lvb(make_d3pm(V, T=T, kind=kind, dtype=torch.float64), oracle_for(kind))
               for T in (1, 10, 100)]
     assert all(v > H for v in values), (values, H)
     assert all(a > b for a, b in zip(values, values[1:])), values
     assert values[-1] - H < 0.05 * (values[0] - H), (values, H)
     # The same for one likely sequence (MD4's test sequence): above -log p(x0) and decreasing.
     target = -math.log(PROBS[13].item())
-    single = [exact_lvb(DiscreteDiffusion(V, T=T, kind=kind, dtype=torch.float64), oracle_for(kind), CONFIGS[13])
+    single = [exact_lvb(make_d3pm(V, T=T, kind=kind, dtype=torch.float64), oracle_for(kind), CONFIGS[13])
               for T in (1, 10, 100)]
     assert all(v > target for v in single) and all(a > b for a, b in zip(single, single[1:])), (single, target)
 
@@ -184,7 +186,7 @@ def test_uniform_plain_posterior_is_not_the_best_predictor():
     """D3PM's x0-parameterisation: for the uniform kernel the plain posterior q(x0 | x_t) gives a
     strictly worse bound than q(x0 | x_t) / q(x_t | x0). (For the absorbing kernel the two coincide,
     q(x_t = m | x0) being the same for every x0: hence test 1 with the plain posterior.)"""
-    uniform = DiscreteDiffusion(V, T=10, kind="uniform", dtype=torch.float64)
+    uniform = make_d3pm(V, T=10, kind="uniform", dtype=torch.float64)
     plain = average_lvb(uniform, UniformOracle(CONFIGS, PROBS, optimal=False))
     best = average_lvb(uniform, UniformOracle(CONFIGS, PROBS))
     assert plain > best + 0.1, (plain, best)
@@ -193,7 +195,7 @@ def test_uniform_plain_posterior_is_not_the_best_predictor():
 # -- 2. the Monte Carlo estimators average to the exact bound -----------------------------------------
 @pytest.mark.parametrize("kind,T", [("absorb", 20), ("uniform", 10)])
 def test_nelbo_and_nelbo_exact_are_unbiased(kind, T):
-    process = DiscreteDiffusion(V, T=T, kind=kind, dtype=torch.float64)
+    process = make_d3pm(V, T=T, kind=kind, dtype=torch.float64)
     oracle = oracle_for(kind)
     for which in (5, 13):
         x0 = CONFIGS[which]
@@ -225,8 +227,8 @@ def test_loss_is_T_times_the_term_plus_lambda_cross_entropy():
     x0 = CONFIGS[torch.randint(0, len(CONFIGS), (B,), generator=g)]
     t_index = torch.randint(1, T + 1, (B,), generator=g)
     noise = torch.rand(B, N, dtype=torch.float64, generator=g)
-    plain = DiscreteDiffusion(V, T=T, hybrid_lambda=0.0)
-    hybrid = DiscreteDiffusion(V, T=T, hybrid_lambda=0.01)
+    plain = make_d3pm(V, T=T, hybrid_lambda=0.0)
+    hybrid = make_d3pm(V, T=T, hybrid_lambda=0.01)
     net = lambda xt, t: logits  # noqa: E731
     t_cont = (t_index.double() - 0.5) / T  # maps back to the same steps
     base, nelbo = plain.loss(net, x0, t=t_cont, noise=noise)
@@ -285,7 +287,7 @@ def test_hybrid_loss_gradient_weighs_cross_entropy_lambda_T(kind, C):
         seen.append(xt)
         return leaf
 
-    process = DiscreteDiffusion(V, T=T, kind=kind, hybrid_lambda=lam, dtype=torch.float64)
+    process = make_d3pm(V, T=T, kind=kind, hybrid_lambda=lam, dtype=torch.float64)
     objective, nelbo = process.loss(net, x0, t=(t_index.double() - 0.5) / T, noise=noise)
     (grad,) = torch.autograd.grad(objective.sum(), leaf)
     kl, ce = brute_terms(kind, T, leaf, x0, seen[0], t_index)
@@ -337,7 +339,7 @@ def test_nelbo_exact_with_keyed_noise_is_unbiased():
     ``nelbo_exact`` is the exact L_vb."""
     from lightning_md4.diffusion.noise import keyed_uniform
 
-    process = DiscreteDiffusion(V, T=10, kind="uniform", dtype=torch.float64)
+    process = make_d3pm(V, T=10, kind="uniform", dtype=torch.float64)
     oracle, x0 = oracle_for("uniform"), CONFIGS[13]
     index = torch.arange(2000)
     full = process.nelbo_exact(oracle, x0.expand(len(index), N), batch_T=10,
@@ -376,7 +378,7 @@ def test_time_conditioning_flag_matches_the_posterior(kind):
                                            ("absorb", "cosine"), ("uniform", "cosine")])
 def test_posteriors_match_brute_force_matrices(kind, schedule):
     T = 6
-    process = DiscreteDiffusion(V, T=T, kind=kind, schedule=schedule, dtype=torch.float64)
+    process = make_d3pm(V, T=T, kind=kind, schedule=schedule, dtype=torch.float64)
     pi, Q, Qbar = brute_matrices(kind, T, schedule)
     K = process.num_states
     eye = torch.eye(K, dtype=torch.float64)
@@ -407,7 +409,7 @@ def test_posteriors_match_brute_force_matrices(kind, schedule):
                 unnorm = (p0 @ Qbar[s]) * Qts[:, kk].T
                 live = unnorm.sum(-1) > 0  # absorb: a token state at t = T cannot occur
                 ref_p = unnorm[live] / unnorm[live].sum(-1, keepdim=True)
-                got_p = process.log_p_posterior(logits[live], kk[live], t * ones[:1], s * ones[:1]).exp()
+                got_p = process.log_posterior(process.x0_log_probs(logits[live]), kk[live], t * ones[:1], s * ones[:1]).exp()
                 torch.testing.assert_close(got_p, ref_p, rtol=1e-12, atol=1e-14)
             checked += len(i)
     assert checked > 0
@@ -415,10 +417,10 @@ def test_posteriors_match_brute_force_matrices(kind, schedule):
 
 # -- 4. ancestral sampling ------------------------------------------------------------------------
 def test_sampler_reproduces_the_distribution_absorb():
-    process = DiscreteDiffusion(V, T=100, kind="absorb")
+    process = make_d3pm(V, T=100, kind="absorb")
     oracle = ExactDenoiser(CONFIGS, PROBS, process.mask_id)
     g = torch.Generator().manual_seed(3)
-    samples = process.sample(oracle, (4000, N), generator=g)
+    samples = process.sample(oracle, (4000, N), process.T, generator=g)
     assert (samples < V).all()
     tv = empirical_tv(samples, CONFIGS, PROBS)
     # Independent draws from the per-token marginals (a sampler that ignored the dependence) are
@@ -427,30 +429,30 @@ def test_sampler_reproduces_the_distribution_absorb():
     wrong = torch.stack([torch.multinomial(marginals[n], 4000, replacement=True, generator=g) for n in range(N)], -1)
     assert tv < 0.06 and empirical_tv(wrong, CONFIGS, PROBS) > 0.15, tv
     # Austin's V + 1 logits with a -inf mask logit define the same sampler: identical draws.
-    small = DiscreteDiffusion(V, T=50, kind="absorb")
-    a = small.sample(oracle, (500, N), generator=torch.Generator().manual_seed(4))
-    b = small.sample(with_mask_column(oracle), (500, N), generator=torch.Generator().manual_seed(4))
+    small = make_d3pm(V, T=50, kind="absorb")
+    a = small.sample(oracle, (500, N), small.T, generator=torch.Generator().manual_seed(4))
+    b = small.sample(with_mask_column(oracle), (500, N), small.T, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b)
     # The time-independent oracle's output is reused until a token changes: at most N + 1 calls.
     oracle.calls = 0
-    one, nfe = process.sample(oracle, (1, N), generator=g, return_nfe=True)
+    one, nfe = process.sample(oracle, (1, N), process.T, generator=g, return_nfe=True)
     assert (one < V).all() and nfe <= N + 1 and oracle.calls == nfe
 
 
 def test_sampler_reproduces_the_distribution_uniform():
-    process = DiscreteDiffusion(V, T=50, kind="uniform")
-    samples = process.sample(UniformOracle(CONFIGS, PROBS), (4000, N), generator=torch.Generator().manual_seed(5))
+    process = make_d3pm(V, T=50, kind="uniform")
+    samples = process.sample(UniformOracle(CONFIGS, PROBS), (4000, N), process.T, generator=torch.Generator().manual_seed(5))
     assert (samples < V).all()
     assert empirical_tv(samples, CONFIGS, PROBS) < 0.06
 
 
 @pytest.mark.parametrize("kind", ["absorb", "uniform"])
 def test_conditioning_keeps_tokens_and_samples_the_conditional(kind):
-    process = DiscreteDiffusion(V, T=50, kind=kind)
+    process = make_d3pm(V, T=50, kind=kind)
     oracle = oracle_for(kind)
-    x = torch.full((4000, N), process.generate_id)
+    x = torch.full((4000, N), process.mask_id)
     x[:, 1] = 2
-    samples = process.sample(oracle, x.shape, x=x, generator=torch.Generator().manual_seed(6))
+    samples = process.sample(oracle, x.shape, process.T, x=x, generator=torch.Generator().manual_seed(6))
     assert (samples[:, 1] == 2).all() and (samples < V).all()
     if kind == "absorb":  # exact: the given token is simply an unmasked one
         cond = torch.where(CONFIGS[:, 1] == 2, PROBS, torch.zeros_like(PROBS))
@@ -458,6 +460,30 @@ def test_conditioning_keeps_tokens_and_samples_the_conditional(kind):
     # Fewer steps than T (jumps with Q_{t|s}) also keep the given tokens.
     few = process.sample(oracle, (500, N), steps=7, x=x[:500], generator=torch.Generator().manual_seed(7))
     assert (few[:, 1] == 2).all() and (few < V).all()
+
+
+@pytest.mark.parametrize("kind", ["absorb", "uniform"])
+def test_sampler_honours_the_time_grid(kind):
+    """A cosine grid's times are rounded to D3PM's steps t / T (repeats dropped): the sampler takes
+    those steps, one network call each (a time-conditioned network). With the absorbing kernel
+    and the exact posterior every jump is exact, so the samples follow the data on any grid (the
+    uniform kernel's factorised jumps are not exact across tokens: checked on all T steps above)."""
+    T, steps = 50, 20
+    process = make_d3pm(V, T=T, kind=kind)
+    grid = process.sampling_times(time_grid(steps, "cosine"))
+    expected = torch.unique_consecutive(torch.round(time_grid(steps, "cosine") * T))
+    assert torch.equal(grid, expected / T) and len(grid) < steps + 1  # two cosine times share a step
+    calls = []
+    oracle = oracle_for(kind)
+
+    def timed(xt, t):
+        calls.append(float(t[0]))
+        return oracle(xt, t)
+
+    samples = process.sample(timed, (4000, N), steps, grid="cosine", generator=torch.Generator().manual_seed(8))
+    assert calls == (grid[:-1]).tolist()
+    if kind == "absorb":
+        assert empirical_tv(samples, CONFIGS, PROBS) < 0.06
 
 
 # -- 5. numerics: no NaN at any t in low precision; the reference's log(p + eps) does break ----------
@@ -469,8 +495,10 @@ def _losses(kind, logits, t, log_eps=None, T=1000):
     Vb, Nb, B = 50, 16, 8
     x0 = torch.randint(0, Vb, (B, Nb), generator=torch.Generator().manual_seed(1))
     noise = torch.rand(B, Nb, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
-    process = DiscreteDiffusion(Vb, T=T, kind=kind, log_eps=log_eps)
+    process = make_d3pm(Vb, T=T, kind=kind)
     t_cont = torch.full((B,), (t - 0.5) / T, dtype=torch.float64)
+    if log_eps is not None:
+        return eps_loss(process, logits, x0, t_cont, noise, log_eps)
     return process.loss(lambda xt, tt: logits, x0, t=t_cont, noise=noise)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from exact import ExactDenoiser, empirical_tv, random_distribution
 from lightning_md4.diffusion.masked import MaskedDiffusion, masked_cross_entropy
-from lightning_md4.diffusion.sedd import ScoreEntropyDiffusion
+from lightning_md4.diffusion.sedd import AbsorbingSEDD, ScoreEntropyDiffusion, log_expm1, make_sedd
 from lightning_md4.diffusion.schedules import Schedule
 
 V, N = 3, 3
@@ -98,6 +98,14 @@ def legendre(q: int, power: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return u**power, f64(weights / 2) * power * u ** (power - 1)
 
 
+def raw_output(process: ScoreEntropyDiffusion, log_scores, sigma_bar):
+    """The network output with these log-scores: absorbing ``log s + log(exp(sigma_bar) - 1) + log V``
+    (module docstring of sedd.py), uniform ``log s``."""
+    if isinstance(process, AbsorbingSEDD):
+        return log_scores + (log_expm1(sigma_bar) + math.log(V))[:, None, None]
+    return log_scores
+
+
 def md4_integrand(process: ScoreEntropyDiffusion, logits, x0, mask, t):
     """MD4's ``loss_weight(t) * masked CE`` for alpha = exp(-sigma_bar)."""
     return SEDDSchedule(process).loss_weight(t) * masked_cross_entropy(logits, x0, mask)
@@ -114,7 +122,7 @@ def test_normalised_scores_give_the_md4_integrand_sample_by_sample(noise):
     -alpha'/(1 - alpha) for alpha = exp(-sigma_bar). So the identity is exact for every (x0, t,
     mask), not only in expectation, and the endpoint terms coincide as well (same alpha_0, alpha_1).
     Without the log V term (raw = log mu) the identity fails: the test sees the convention."""
-    process = ScoreEntropyDiffusion(V, noise=noise)
+    process = make_sedd(V, noise=noise)
     md4 = MaskedDiffusion(SEDDSchedule(process), V)
     oracle = AbsorbOracle()
     g = torch.Generator().manual_seed(0)
@@ -130,13 +138,13 @@ def test_normalised_scores_give_the_md4_integrand_sample_by_sample(noise):
     torch.testing.assert_close(sedd, ref, rtol=1e-11, atol=1e-12)
     assert process.endpoint_terms(N) == pytest.approx(md4.endpoint_terms(N), rel=1e-14)
 
-    # The public path log_score -> score_entropy gives the same integrand.
+    # score_entropy of the raw output, what nelbo uses, is the same integrand.
     xt, mask = process.forward_sample(x0, t, noise_u)
     sb, ds = process.sigma_bar(t), process.dsigma(t)
     log_mu = oracle.exact(xt, sb)
-    dse = process.score_entropy(process.log_score(log_mu + math.log(V), sb), x0, xt, sb, ds)
+    dse = process.score_entropy(log_mu + math.log(V), x0, xt, sb, ds)
     torch.testing.assert_close(dse, md4_integrand(process, log_mu, x0, mask, t), rtol=1e-9, atol=1e-12)
-    wrong = process.score_entropy(process.log_score(log_mu, sb), x0, xt, sb, ds)
+    wrong = process.score_entropy(log_mu, x0, xt, sb, ds)
     assert not torch.allclose(wrong, dse, rtol=1e-3)
 
 
@@ -150,7 +158,7 @@ def test_free_scores_pay_a_nonnegative_normalisation_penalty(noise):
     ``DSE(s) = DSE(s') + sigma r sum_masked (Z - log Z - 1)`` and ``DSE(s') = MD4 weight x CE(raw)``.
     (Per sample, free scores *can* fall below the oracle's value when they put extra mass on the
     true x0; the oracle is the minimiser only in expectation over x0 given xt: next test.)"""
-    process = ScoreEntropyDiffusion(V, noise=noise)
+    process = make_sedd(V, noise=noise)
     g = torch.Generator().manual_seed(1)
     B = 2000
     x0 = CONFIGS[torch.randint(K, (B,), generator=g)]
@@ -158,7 +166,7 @@ def test_free_scores_pay_a_nonnegative_normalisation_penalty(noise):
     xt, mask = process.forward_sample(x0, t, generator=g)
     raw = 2.0 * torch.randn(B, N, V, dtype=torch.float64, generator=g)
     sb, ds = process.sigma_bar(t), process.dsigma(t)
-    free = process.score_entropy(process.log_score(raw, sb), x0, xt, sb, ds)
+    free = process.score_entropy(raw, x0, xt, sb, ds)
     normalised = md4_integrand(process, raw, x0, mask, t)
     z = (raw - math.log(V)).exp().sum(-1)
     penalty = SEDDSchedule(process).loss_weight(t) * ((z - z.log() - 1.0) * mask).sum(-1)
@@ -166,7 +174,7 @@ def test_free_scores_pay_a_nonnegative_normalisation_penalty(noise):
     assert (penalty >= 0).all() and (free >= normalised - 1e-12).all()
     assert (penalty[mask.any(-1)] > 1e-3).double().mean() > 0.9  # free scores really are unnormalised
     norm_raw = torch.log_softmax(raw, -1) + math.log(V)
-    torch.testing.assert_close(process.score_entropy(process.log_score(norm_raw, sb), x0, xt, sb, ds), normalised,
+    torch.testing.assert_close(process.score_entropy(norm_raw, x0, xt, sb, ds), normalised,
                                rtol=1e-9, atol=1e-10)
 
 
@@ -195,7 +203,7 @@ def test_oracle_minimises_the_expected_entropy(graph, t):
     """Enumerate every (x0, xt) with its probability and let the scores be a free table over xt.
     The expected DSE is stationary at the oracle (gradient 0: the targets c_y of the DSE average
     to the true score given xt) and every perturbation of the oracle scores raises it."""
-    process = ScoreEntropyDiffusion(V, noise="geometric", graph=graph)
+    process = make_sedd(V, noise="geometric", graph=graph)
     x0, xt, w, code = (_absorb_joint if graph == "absorb" else _uniform_joint)(process, t)
     tt = f64(t).expand(len(x0))
     sb, ds = process.sigma_bar(tt), process.dsigma(tt)
@@ -206,7 +214,7 @@ def test_oracle_minimises_the_expected_entropy(graph, t):
     table.requires_grad_(True)
 
     def expected(tab):
-        return (w * process.score_entropy(process.log_score(tab[code], sb), x0, xt, sb, ds)).sum()
+        return (w * process.score_entropy(tab[code], x0, xt, sb, ds)).sum()
 
     best = expected(table)
     (grad,) = torch.autograd.grad(best, table)
@@ -221,7 +229,7 @@ def test_oracle_minimises_the_expected_entropy(graph, t):
 def test_entropy_is_nonnegative_and_zero_at_the_conditional_ratios(graph):
     """DSE >= 0 for any scores, and = 0 exactly when s_y = p_t(y | x0) / p_t(xt | x0) for every
     y != xt[n]: this pins the constant terms (r (log r - 1) for absorb; the uniform constants)."""
-    process = ScoreEntropyDiffusion(V, noise="loglinear", graph=graph)
+    process = make_sedd(V, noise="loglinear", graph=graph)
     g = torch.Generator().manual_seed(3)
     B = 3000
     x0 = CONFIGS[torch.randint(K, (B,), generator=g)]
@@ -229,7 +237,7 @@ def test_entropy_is_nonnegative_and_zero_at_the_conditional_ratios(graph):
     xt, _ = process.forward_sample(x0, t, generator=g)
     sb, ds = process.sigma_bar(t), process.dsigma(t)
     raw = 3.0 * torch.randn(B, N, V, dtype=torch.float64, generator=g)
-    assert (process.score_entropy(process.log_score(raw, sb), x0, xt, sb, ds) >= 0).all()
+    assert (process.score_entropy(raw, x0, xt, sb, ds) >= 0).all()
     # conditional ratios: K(y | x0) / K(xt | x0), per position
     a, b = process.alpha(t)[:, None, None], process.one_minus_alpha(t)[:, None, None]
     ys = torch.arange(V)
@@ -240,9 +248,10 @@ def test_entropy_is_nonnegative_and_zero_at_the_conditional_ratios(graph):
         k_y = torch.where(ys == x0[..., None], a, 0.0) + b / V
         k_x = torch.where(xt == x0, a[..., 0], 0.0) + b[..., 0] / V
         log_target = (k_y / k_x[..., None]).log()
-    dse = process.score_entropy(log_target, x0, xt, sb, ds)
+    raw_target = raw_output(process, log_target, sb)
+    dse = process.score_entropy(raw_target, x0, xt, sb, ds)
     assert dse.abs().max().item() < 1e-9
-    assert (process.score_entropy(log_target + 0.01, x0, xt, sb, ds) > 0).any()
+    assert (process.score_entropy(raw_target + 0.01, x0, xt, sb, ds) > 0).any()
 
 
 # --- 3. the continuous NELBO ------------------------------------------------------------------
@@ -270,7 +279,7 @@ def test_absorb_nelbo_integrates_to_the_exact_bound(noise, t_min, q):
     of p in [0, 1] that integral is -log p(x0) (MD4 section 5), so the NELBO is -log p(x0) minus the
     missing ends plus the endpoint terms (< 0.01 nats here): at most -log p(x0) + endpoint terms,
     at least 99.7% of -log p(x0), and above the entropy on average over x0."""
-    process = ScoreEntropyDiffusion(V, noise=noise, t_min=t_min)
+    process = make_sedd(V, noise=noise, t_min=t_min)
     oracle = AbsorbOracle()
     u, wq = legendre(q)
     t = process.time_from_uniform(u)
@@ -303,7 +312,7 @@ def test_uniform_nelbo_integrates_to_the_exact_expected_bound(noise, t_min, q, p
     reconstruction term adds N H(K_{t_min}) - (the rest of) I. That checks the DSE constants and
     the endpoint terms. The substitution t = t_min + (1 - t_min) u^3 smooths the t log t behaviour
     near t = 0."""
-    process = ScoreEntropyDiffusion(V, noise=noise, graph="uniform", t_min=t_min)
+    process = make_sedd(V, noise=noise, graph="uniform", t_min=t_min)
     oracle = UniformOracle()
     u, wq = legendre(q, power)
     t = process.time_from_uniform(u)
@@ -324,7 +333,7 @@ def test_uniform_nelbo_integrates_to_the_exact_expected_bound(noise, t_min, q, p
 @pytest.mark.parametrize("graph", ["absorb", "uniform"])
 def test_nelbo_monte_carlo_is_unbiased(graph):
     """Random stratified times and random noise (the training path) average to the exact value."""
-    process = ScoreEntropyDiffusion(V, noise="geometric", graph=graph)
+    process = make_sedd(V, noise="geometric", graph=graph)
     g = torch.Generator().manual_seed(4)
     x0 = CONFIGS[torch.multinomial(PROBS, 20000, replacement=True, generator=g)]
     if graph == "absorb":
@@ -351,7 +360,7 @@ def test_absorb_reverse_step_is_md4s_exact_step(noise):
     step, computed here by MaskedDiffusion); ``euler`` with ``(t - s) w(t) mu_y`` (w = MD4's loss
     weight), which agrees to O((t - s)^2), exactly for loglinear noise (alpha linear in t); the
     denoising step draws from mu."""
-    process = ScoreEntropyDiffusion(V, noise=noise)
+    process = make_sedd(V, noise=noise)
     md4 = MaskedDiffusion(SEDDSchedule(process), V)
     oracle = AbsorbOracle()
     xt = torch.where(MASKS, V, CONFIGS[7])[1:]  # every pattern with a masked position
@@ -386,7 +395,7 @@ def test_uniform_reverse_step_is_exact_for_one_token(noise):
     p_s(y) / p_t(x), so the ``analytic`` step is the exact reverse kernel
     ``p_s(y) K_Delta(x | y) / p_t(x)`` for any step, and the denoising step the exact posterior
     ``p_0(y) K_{sigma_bar_t}(x | y) / p_t(x)``; ``euler`` agrees to O((t - s)^2)."""
-    process = ScoreEntropyDiffusion(V, noise=noise, graph="uniform")
+    process = make_sedd(V, noise=noise, graph="uniform")
     _, p0 = random_distribution(V, 1, seed=1)
 
     def law(sb):  # p at total noise sb, [V]
@@ -437,10 +446,10 @@ def independent_marginals(g) -> torch.Tensor:
 def test_sampler_reproduces_the_distribution(graph, noise, method):
     """(For absorb with loglinear noise Euler's (t - s) sigma r = (t - s)/t equals the analytic
     step's probability, so the two coincide; the geometric noise tells them apart.)"""
-    process = ScoreEntropyDiffusion(V, noise=noise, graph=graph)
+    process = make_sedd(V, noise=noise, graph=graph, method=method)
     oracle = AbsorbOracle() if graph == "absorb" else UniformOracle()
     g = torch.Generator().manual_seed(5)
-    samples, nfe = process.sample(oracle, (4000, N), steps=100, generator=g, method=method, return_nfe=True)
+    samples, nfe = process.sample(oracle, (4000, N), steps=100, generator=g, return_nfe=True)
     assert samples.dtype == torch.long and (samples >= 0).all() and (samples < V).all()
     assert nfe == oracle.calls and nfe <= 100
     tv = empirical_tv(samples, CONFIGS, PROBS)
@@ -449,23 +458,23 @@ def test_sampler_reproduces_the_distribution(graph, noise, method):
 
 @pytest.mark.parametrize("method", ["analytic", "euler"])
 def test_conditioning_keeps_tokens_and_samples_the_conditional(method):
-    process = ScoreEntropyDiffusion(V, noise="geometric")
+    process = make_sedd(V, noise="geometric", method=method)
     x = torch.full((4000, N), process.mask_id)
     x[:, 1] = 2
-    samples = process.sample(AbsorbOracle(), x.shape, steps=100, x=x, method=method,
+    samples = process.sample(AbsorbOracle(), x.shape, steps=100, x=x,
                              generator=torch.Generator().manual_seed(6))
     assert (samples[:, 1] == 2).all() and (samples < V).all()
     cond = torch.where(CONFIGS[:, 1] == 2, PROBS, torch.zeros_like(PROBS))
     assert empirical_tv(samples, CONFIGS, cond / cond.sum()) < 0.06
     # uniform graph: given tokens stay (the clamped sampler is not exact for the conditional law)
-    uni = ScoreEntropyDiffusion(V, noise="geometric", graph="uniform")
-    out = uni.sample(UniformOracle(), (200, N), steps=20, x=x[:200], method=method,
+    uni = make_sedd(V, noise="geometric", graph="uniform", method=method)
+    out = uni.sample(UniformOracle(), (200, N), steps=20, x=x[:200],
                      generator=torch.Generator().manual_seed(7))
     assert (out[:, 1] == 2).all() and (out < V).all() and (out[:, 0] != out[0, 0]).any()
 
 
 def test_output_cache_and_network_evaluation_count():
-    process = ScoreEntropyDiffusion(V, noise="loglinear")
+    process = make_sedd(V, noise="loglinear")
     oracle = AbsorbOracle()
     g = torch.Generator().manual_seed(8)
     _, nfe = process.sample(oracle, (1, N), steps=1000, generator=g, return_nfe=True)
@@ -473,7 +482,7 @@ def test_output_cache_and_network_evaluation_count():
     _, nfe_plain = process.sample(oracle, (1, N), steps=1000, generator=g, cache=False, return_nfe=True)
     assert nfe_plain > 10 * nfe
     uni = UniformOracle()
-    _, nfe_uni = ScoreEntropyDiffusion(V, graph="uniform", noise="geometric").sample(
+    _, nfe_uni = make_sedd(V, graph="uniform", noise="geometric").sample(
         uni, (2, N), steps=37, generator=g, return_nfe=True)
     assert nfe_uni == 37 == uni.calls
     # one step is the denoising step alone: nothing is left masked
@@ -495,7 +504,7 @@ def test_absorb_sampler_reveals_tokens_on_the_schedule(noise):
     token is still masked at grid time t with probability (1 - alpha_t) / (1 - alpha_1),
     alpha = exp(-sigma_bar), independently of the others. The sampler's state before each network
     call must sit within 5 binomial sigmas of it, and the call must receive sigma_bar(t)."""
-    process = ScoreEntropyDiffusion(V, noise=noise)
+    process = make_sedd(V, noise=noise)
     seen: list[tuple[float, float]] = []
 
     def flat(xt, sigma_bar):
@@ -521,7 +530,7 @@ def test_absorb_sampler_reveals_tokens_on_the_schedule(noise):
 @pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_loss_and_gradient_are_finite_at_the_ends(graph, noise, dtype):
-    process = ScoreEntropyDiffusion(V, noise=noise, graph=graph)
+    process = make_sedd(V, noise=noise, graph=graph)
     g = torch.Generator().manual_seed(9)
     times = f64([0.0, 1e-3, 0.5, 1 - 1e-6, 1.0]).repeat_interleave(4)
     B = len(times)
@@ -537,14 +546,14 @@ def test_loss_and_gradient_are_finite_at_the_ends(graph, noise, dtype):
     sb, ds = process.sigma_bar(times), process.dsigma(times)
     xt = torch.full_like(x0, V) if graph == "absorb" else (x0 + 1) % V
     raw.grad = None
-    dse = process.score_entropy(process.log_score(raw, sb), x0, xt, sb, ds)
+    dse = process.score_entropy(raw, x0, xt, sb, ds)
     assert dse.dtype == torch.float32 and torch.isfinite(dse).all() and (dse >= 0).all()
     dse.sum().backward()
     assert torch.isfinite(raw.grad.float()).all()
 
 
 def test_float32_loss_matches_float64():
-    process = ScoreEntropyDiffusion(V, noise="loglinear")
+    process = make_sedd(V, noise="loglinear")
     g = torch.Generator().manual_seed(10)
     x0 = CONFIGS[torch.randint(K, (500,), generator=g)]
     t = torch.rand(500, dtype=torch.float64, generator=g) ** 4  # many small t, large r
@@ -557,8 +566,6 @@ def test_float32_loss_matches_float64():
 
 def test_bad_arguments_are_refused():
     for kwargs in ({"noise": "cosine"}, {"graph": "absorbing"}, {"eps": 0.0}, {"noise": "geometric", "sigma_min": 30.0},
-                   {"t_min": 1.0}):
+                   {"t_min": 1.0}, {"method": "tweedie"}):
         with pytest.raises(ValueError):
-            ScoreEntropyDiffusion(V, **kwargs)
-    with pytest.raises(ValueError):
-        ScoreEntropyDiffusion(V).sample(AbsorbOracle(), (1, N), 4, method="tweedie")
+            make_sedd(V, **kwargs)

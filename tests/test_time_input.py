@@ -14,8 +14,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_md4.diffusion import (DiscreteDiffusion, GenMaskedDiffusion, MaskedDiffusion, PerTokenSchedule,
-                                     ScoreEntropyDiffusion)
+from lightning_md4.diffusion import GenMaskedDiffusion, MaskedDiffusion, PerTokenSchedule, make_d3pm, make_sedd
 from lightning_md4.modules import D3PM, MD4, SEDD, GenMD4
 from lightning_md4.nets.transformer import TransformerConfig
 from lightning_md4.diffusion.schedules import Cosine
@@ -100,7 +99,7 @@ def test_genmd4_network_gets_t():
 @pytest.mark.parametrize("graph", ["absorb", "uniform"])
 @pytest.mark.parametrize("noise, sigma_bar", [("loglinear", sigma_bar_loglinear), ("geometric", sigma_bar_geometric)])
 def test_sedd_network_gets_sigma_bar(noise, sigma_bar, graph):
-    process = ScoreEntropyDiffusion(V, noise=noise, graph=graph)
+    process = make_sedd(V, noise=noise, graph=graph)
     net = TimeRecorder(V)
     process.nelbo(net, x0_batch(), t=times())
     assert_calls(net, [[sigma_bar(t) for t in TIMES]])
@@ -115,7 +114,7 @@ def test_sedd_network_gets_sigma_bar(noise, sigma_bar, graph):
 @pytest.mark.parametrize("kind", ["absorb", "uniform"])
 def test_d3pm_network_gets_step_over_T(kind):
     T = 10
-    process = DiscreteDiffusion(V, T=T, kind=kind)
+    process = make_d3pm(V, T=T, kind=kind)
     net = TimeRecorder(V)
     process.loss(net, x0_batch(), t=times())
     process.nelbo(net, x0_batch(), t=times())

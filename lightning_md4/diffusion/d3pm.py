@@ -7,8 +7,8 @@ Kernels, one step ``t = 1..T`` (``pi`` is the stationary law, ``K`` the number o
 
     Q_t = (1 - beta_t) I + beta_t 1 pi^T          Qbar_t = Q_1 ... Q_t = abar_t I + (1 - abar_t) 1 pi^T
 
-* ``absorb``: ``K = V + 1`` states, ``pi = e_m`` with mask id ``m = V``.
-* ``uniform``: ``K = V`` states, ``pi = 1 / V``.
+* absorbing (:class:`AbsorbingD3PM`): ``K = V + 1`` states, ``pi = e_m`` with mask id ``m = V``.
+* uniform (:class:`UniformD3PM`): ``K = V`` states, ``pi = 1 / V``.
 
 Schedules (``abar_0 = 1``, ``abar_T = 0`` for both, so the prior KL term is exactly 0):
 
@@ -34,7 +34,7 @@ per-token reverse marginal. For the absorbing kernel at a masked position ``q(x_
 the same for every x0 and the two coincide; for the uniform kernel they differ.
 
 The network is MD4's: ``denoiser(xt [B, N], t [B]) -> logits [B, N, C]`` with the continuous time
-``t / T`` in [0, 1] as input. With ``C = V + 1`` (absorb only) p~ is Austin's softmax over the
+``t / T`` in [0, 1] as input. With ``C = V + 1`` (absorbing only) p~ is Austin's softmax over the
 whole vocabulary, mask included. With ``C = V`` (the suite's transformer) the mask logit is taken
 as -inf: MD4's choice of never predicting the mask. With that choice and the linear schedule the
 T-step bound L_vb of the absorbing kernel equals MD4's discrete-time NELBO term by term.
@@ -42,34 +42,25 @@ T-step bound L_vb of the absorbing kernel equals MD4's discrete-time NELBO term 
 Numerics: the network output is upcast to at least float32 (``dtype``) and all the transition
 math runs in log space (log-sum-exp mixtures, guarded so that ``log 0`` entries neither produce
 NaN values nor NaN gradients, e.g. a -inf mask logit at t = 1) at every t in 1..T and for bf16
-network outputs. ``log_eps`` instead reproduces the reference code's ``log(probs + eps)``
-formulation, computed in the network output's own dtype (as a reference run under half precision
-would). What it does, checked in tests/test_d3pm_exact.py with ``eps = 1e-20``, T = 1000:
-a float16 output gives NaN (1e-20 rounds to 0 and ``0 * log 0`` appears); a bf16 output with the
-uniform kernel is off by 10% to 20x (``1 - beta_t`` and the 1/V mixtures round); confident
-predictions are wrong in any dtype (eps leaks mass into impossible states: thousands of nats of
-spurious KL at unmasked absorbing positions; log-probabilities capped near log eps = -46 for the
-uniform kernel); moderate float32 logits are fine. That path shows the instability the MD4 paper
-reports; it is not for training.
+network outputs. (The reference code's ``log(probs + eps)`` formulation, and what it breaks, is
+reproduced next to the tests, in tests/d3pm_reference.py.)
 """
 
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_md4.diffusion.noise import TimeRange
-from lightning_md4.diffusion.sampling import (
-    CachedDenoiser, Denoiser, initial_tokens, is_time_conditioned, sample_categorical,
-)
+from lightning_md4.diffusion.base import AbsorbingState, DiffusionProcess, UniformState
+from lightning_md4.diffusion.sampling import Denoiser, sample_categorical
+from lightning_md4.diffusion.schedules import Linear, Schedule, ShiftedCosine
 
-KINDS = ("absorb", "uniform")
 StepNoise = Callable[[int], Tensor]  # step t in 1..T -> uniforms [B, N] for the forward draw at t
-SCHEDULES = ("linear", "cosine")
 
 
 def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
@@ -103,67 +94,45 @@ def categorical_kl(log_q: Tensor, log_p: Tensor) -> Tensor:
     return (log_q.exp() * diff).sum(-1)
 
 
-def _alpha_table(T: int, schedule: str) -> tuple[Tensor, Tensor]:
-    """``(abar_t, 1 - abar_t)`` for t = 0..T, float64 ``[T + 1]``."""
-    t = torch.arange(T + 1, dtype=torch.float64)
-    if schedule == "linear":
-        return (T - t) / T, t / T
-    if schedule == "cosine":
-        f = torch.cos((t / T + 0.008) / 1.008 * (math.pi / 2))
-        alpha = f / f[0]
-        alpha[0], alpha[T] = 1.0, 0.0
-        return alpha, 1.0 - alpha
-    raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
-
-
-class DiscreteDiffusion(TimeRange):
+class D3PMProcess(DiffusionProcess):
     """The D3PM process: forward noising, the T-step bound L_vb, the hybrid loss, ancestral sampling.
 
-    ``vocab_size``: V real tokens; ``T``: number of steps; ``kind``: ``absorb`` or ``uniform``;
+    ``vocab_size``: V real tokens; ``T``: number of steps; the state space is the subclass
+    (:class:`AbsorbingD3PM`, :class:`UniformD3PM`; by name: :func:`make_d3pm`);
     ``hybrid_lambda``: weight of the x0 cross-entropy against ONE term of the bound in ``loss``
-    (Austin et al.'s per-step convention; paper: 0.01 text, 0.001 CIFAR-10); ``log_eps``: None
-    (stable log-space math) or the reference code's epsilon (see the module docstring);
-    ``schedule``: ``linear`` or ``cosine``; ``dtype``: the least precision of the posterior math
+    (Austin et al.'s per-step convention; paper: 0.01 text, 0.001 CIFAR-10);
+    ``schedule``: abar_t = ``schedule.alpha(t / T)`` (default ``Linear``, module docstring; it
+    must reach alpha = 0 at t = 1 or ``prior_kl`` counts the rest); ``dtype``: the least precision of the posterior math
     (the network output is upcast to it; float64 outputs stay float64).
     float32 is enough for training; each KL term carries an absolute rounding error of order
     1e-7 per position, which ``T`` multiplies, so for exact evaluation at large T (the uniform
     kernel especially, whose late terms are tiny differences) pass ``torch.float64``.
 
     Units: every loss is in nats per sequence (summed over positions), like ``MaskedDiffusion``.
-    Times: integer steps ``t_index`` in 1..T inside; the network sees ``t_index / T``.
+    Times: integer steps ``t_index`` in 1..T inside; continuous times are ``t_index / T``, and
+    that is what the network sees and the sampler's grid is rounded to.
     """
 
-    def __init__(self, vocab_size: int, T: int = 1000, kind: str = "absorb", hybrid_lambda: float = 0.01,
-                 log_eps: float | None = None, schedule: str = "linear",
+    num_states: int
+    pi: Tensor  # the stationary law [K], float64
+
+    def __init__(self, vocab_size: int, T: int = 1000, hybrid_lambda: float = 0.01, schedule: Schedule | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
         if T < 1:
             raise ValueError(f"T must be >= 1, got {T}")
-        if kind not in KINDS:
-            raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
         if hybrid_lambda < 0:
             raise ValueError(f"hybrid_lambda must be >= 0, got {hybrid_lambda}")
-        if log_eps is not None and not log_eps > 0:
-            raise ValueError(f"log_eps must be None or > 0, got {log_eps}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        self.vocab_size, self.T, self.kind = vocab_size, T, kind
-        self.hybrid_lambda, self.log_eps, self.schedule = hybrid_lambda, log_eps, schedule
-        self.dtype = dtype
-        self.alphas, self.one_minus_alphas = _alpha_table(T, schedule)
-        if kind == "absorb":
-            self.num_states = vocab_size + 1
-            self.mask_id: int | None = vocab_size
-            self.pi = F.one_hot(torch.tensor(vocab_size), vocab_size + 1).double()
-        else:
-            self.num_states = vocab_size
-            self.mask_id = None
-            self.pi = torch.full((vocab_size,), 1.0 / vocab_size, dtype=torch.float64)
+        self.vocab_size, self.T, self.hybrid_lambda, self.dtype = vocab_size, T, hybrid_lambda, dtype
+        self.schedule = Linear() if schedule is None else schedule
+        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        self.alphas, self.one_minus_alphas = self.schedule.alpha(steps), self.schedule.one_minus_alpha(steps)
+        # Marks the positions to generate in ``sample(x=...)``; the mask state for the absorbing kernel.
+        self.mask_id = vocab_size
         self.log_pi = self.pi.log()
-        # Marks the positions to generate in ``sample(x=...)``: the mask id for ``absorb``; for
-        # ``uniform`` (which has no mask state) the same value V, never fed to the network.
-        self.generate_id = vocab_size
         self._device_tables: dict[tuple[str, torch.device], Tensor] = {}
 
     def _on(self, name: str, device: torch.device) -> Tensor:
@@ -182,42 +151,37 @@ class DiscreteDiffusion(TimeRange):
     def one_minus_alpha(self, t_index: Tensor) -> Tensor:
         return self._on("one_minus_alphas", t_index.device)[t_index.long()]
 
-    def beta(self, t_index: Tensor) -> Tensor:
-        """``beta_t = 1 - abar_t / abar_{t-1}``, t in 1..T (``1 / (T - t + 1)`` for ``linear``)."""
-        a_t, a_s = self.alpha(t_index), self.alpha(t_index - 1)
-        return (a_s - a_t) / a_s
-
     # -- forward process -------------------------------------------------------------------
-    def forward_sample(self, x0: Tensor, t_index: Tensor, noise: Tensor | None = None,
+    def step_of(self, t: Tensor) -> Tensor:
+        """The integer step ``round(t T)`` of continuous times t = t_index / T, LongTensor."""
+        return torch.round(t.double() * self.T).long()
+
+    def forward_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None,
                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``x0`` [B, N] noised to the steps ``step_of(t)`` of the times ``t`` [B]: see ``noise_to``."""
+        return self.noise_to(x0, self.step_of(t), noise, generator)
+
+    def noise_to(self, x0: Tensor, t_index: Tensor, noise: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``xt ~ q(x_t | x0) = abar_t delta_x0 + (1 - abar_t) pi`` per token.
 
         ``x0``: LongTensor [B, N]; ``t_index``: LongTensor [B] in 0..T; ``noise``: optional uniforms
-        [B, N] (float64). A token is noised where ``noise < 1 - abar_t`` (MD4's convention): it becomes
-        the mask (``absorb``) or the token ``floor(V noise / (1 - abar_t))`` (``uniform``; the same
-        uniform, rescaled, is uniform on [0, 1)). Returns ``(xt, noised [B, N] bool)``.
+        [B, N] (float64). A token is noised where ``noise < 1 - abar_t`` (MD4's convention; the
+        state space's ``corrupt``). Returns ``(xt, noised [B, N] bool)``.
         """
         if noise is None:
             noise = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
-        p = self.one_minus_alpha(t_index)[:, None]
-        noised = noise < p
-        if self.kind == "absorb":
-            return torch.where(noised, self.mask_id, x0), noised
-        token = torch.floor(noise / torch.where(p > 0, p, 1.0) * self.vocab_size).long()
-        return torch.where(noised, token.clamp_(0, self.vocab_size - 1), x0), noised
+        return self.corrupt(x0, noise, self.one_minus_alpha(t_index)[:, None])
 
     def prior_kl(self, x0: Tensor) -> Tensor:
-        """``sum_n KL(q(x_T | x0[n]) || pi)`` in nats, float64 ``[B]``; 0 here since abar_T = 0."""
+        """``sum_n KL(q(x_T | x0[n]) || pi)`` in nats, float64 ``[B]``; 0 when abar_T = 0."""
         a = float(self.alphas[-1])
-        if a == 0.0:
-            kl = 0.0
-        elif self.kind == "absorb":
-            kl = math.inf
-        else:
-            V = self.vocab_size
-            q_own = a + (1.0 - a) / V
-            kl = q_own * math.log(q_own * V) + (V - 1) * (1.0 - a) / V * math.log1p(-a)
+        kl = 0.0 if a == 0.0 else self._prior_kl_per_token(a)
         return torch.full((x0.shape[0],), x0.shape[1] * kl, dtype=torch.float64, device=x0.device)
+
+    @abstractmethod
+    def _prior_kl_per_token(self, a: float) -> float:
+        """KL(abar_T delta_x0 + (1 - abar_T) pi || pi) for abar_T = a > 0."""
 
     # -- posteriors ------------------------------------------------------------------------
     def x0_log_probs(self, logits: Tensor) -> Tensor:
@@ -234,13 +198,10 @@ class DiscreteDiffusion(TimeRange):
         return torch.cat([logp, never], dim=-1)
 
     def _check_width(self, C: int) -> bool:
-        """True if the network gives all K states, False if V real tokens only (absorb); else raise."""
+        """True if the network gives all K states, False if V real tokens only (absorbing); else raise."""
         if C == self.num_states:
             return True
-        if self.kind == "absorb" and C == self.vocab_size:
-            return False
-        allowed = (self.vocab_size, self.vocab_size + 1) if self.kind == "absorb" else (self.vocab_size,)
-        raise ValueError(f"denoiser returned {C} logits per position; expected one of {allowed}")
+        raise ValueError(f"denoiser returned {C} logits per position; expected {self.num_states}")
 
     def _time_factor(self, t: Tensor, s: Tensor | None, ndim: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(abar_t / abar_s, abar_s, 1 - abar_s)`` in float64, with trailing dims up to ``ndim``."""
@@ -283,10 +244,6 @@ class DiscreteDiffusion(TimeRange):
         log_x0 = torch.where(onehot, 0.0, -math.inf).to(dtype)
         return self.log_posterior(log_x0, xt, t, s)
 
-    def log_p_posterior(self, logits: Tensor, xt: Tensor, t: Tensor, s: Tensor | None = None) -> Tensor:
-        """``log p(x_s | x_t)`` of the x0-parameterisation from the network's logits, ``[..., K]``."""
-        return self.log_posterior(self.x0_log_probs(logits), xt, t, s)
-
     # -- losses ----------------------------------------------------------------------------
     def terms(self, logits: Tensor, x0: Tensor, xt: Tensor, t_index: Tensor) -> tuple[Tensor, Tensor]:
         """The bound's term at step t and the x0 cross-entropy, both summed over positions, ``[B]``.
@@ -295,36 +252,12 @@ class DiscreteDiffusion(TimeRange):
         reconstruction ``-log p(x0 | x1)``, q being a point mass); ``ce = sum_n -log p~(x0 | x_t)``
         over all positions (the D3PM hybrid term).
         """
-        if self.log_eps is not None:
-            return self._terms_eps(logits, x0, xt, t_index)
         log_x0 = self.x0_log_probs(logits)
         log_p = self.log_posterior(log_x0, xt, t_index)
         log_q = self.log_q_posterior(x0, xt, t_index, dtype=log_p.dtype)
         kl = categorical_kl(log_q, log_p).sum(-1)
         ce = -log_x0.gather(-1, x0[..., None])[..., 0].sum(-1)
         return kl, ce
-
-    def _terms_eps(self, logits: Tensor, x0: Tensor, xt: Tensor, t_index: Tensor) -> tuple[Tensor, Tensor]:
-        """The reference code's formulation: ``log(fact1 + eps) + log(fact2 + eps)`` logits of both
-        posteriors, in the network output's dtype (no upcast), KL between their softmaxes."""
-        dtype, eps = logits.dtype, self.log_eps
-        probs = torch.softmax(logits, dim=-1)
-        logp0 = torch.log_softmax(logits, dim=-1)
-        if not self._check_width(logits.shape[-1]):
-            probs = torch.cat([probs, torch.zeros_like(probs[..., :1])], dim=-1)
-        keep, a_s, abar_s = self._time_factor(t_index, None, xt.ndim)
-        pi = self._on("pi", logits.device)
-        fact1 = torch.where(torch.arange(self.num_states, device=xt.device) == xt[..., None],
-                            (keep + (1.0 - keep) * pi[xt])[..., None], ((1.0 - keep) * pi[xt])[..., None])
-        fact1 = fact1.to(dtype)
-        a_s, abar_s, pi = a_s[..., None].to(dtype), abar_s[..., None].to(dtype), pi.to(dtype)
-        onehot = F.one_hot(x0, self.num_states).to(dtype)
-        logit_p = torch.log(fact1 + eps) + torch.log(a_s * probs + abar_s * pi + eps)
-        logit_q = torch.log(fact1 + eps) + torch.log(a_s * onehot + abar_s * pi + eps)
-        kl = (torch.softmax(logit_q, -1) * (torch.log_softmax(logit_q, -1) - torch.log_softmax(logit_p, -1))).sum(-1)
-        ce = -logp0.gather(-1, x0[..., None])[..., 0]
-        acc = torch.promote_types(dtype, torch.float32)
-        return kl.to(acc).sum(-1), ce.to(acc).sum(-1)
 
     def _t_input(self, t_index: Tensor) -> Tensor:
         return t_index.double() / self.T
@@ -351,7 +284,7 @@ class DiscreteDiffusion(TimeRange):
         if t is None:
             t = self.sample_times(x0.shape[0], x0.device, antithetic, generator)
         i = self.step_index(t)
-        xt, _ = self.forward_sample(x0, i, noise, generator)
+        xt, _ = self.noise_to(x0, i, noise, generator)
         kl, ce = self.terms(denoiser(xt, self._t_input(i)), x0, xt, i)
         nelbo = self.T * kl + self.prior_kl(x0).to(kl.dtype)
         return nelbo + self.T * self.hybrid_lambda * ce, nelbo
@@ -364,11 +297,11 @@ class DiscreteDiffusion(TimeRange):
 
     @torch.no_grad()
     def nelbo_exact(self, denoiser: Denoiser, x0: Tensor, batch_T: int = 1, generator: torch.Generator | None = None,
-                    progress: bool = False, step_noise: StepNoise | None = None) -> Tensor:
+                    step_noise: StepNoise | None = None) -> Tensor:
         """L_vb summed over all T steps (D3PM's evaluation), float64 nats per sequence ``[B]``.
 
         Every step is evaluated (one forward draw of x_t per step and sequence), ``batch_T`` steps per
-        network call (``batch_T * B`` rows); ``progress`` shows a tqdm bar. No gradients.
+        network call (``batch_T * B`` rows). No gradients.
         The forward draws are the only randomness: ``step_noise(t)`` gives the uniforms ``[B, N]`` of
         step t (e.g. keyed by each example's index, so that a sequence's value does not depend on
         its batch), otherwise they come from ``generator``.
@@ -379,66 +312,90 @@ class DiscreteDiffusion(TimeRange):
             raise ValueError("pass step_noise or generator, not both")
         B = x0.shape[0]
         total = self.prior_kl(x0)
-        starts = range(1, self.T + 1, batch_T)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="nelbo_exact", unit="chunk")
-        for start in starts:
+        for start in range(1, self.T + 1, batch_T):
             steps = range(start, min(start + batch_T, self.T + 1))
             t = torch.arange(steps.start, steps.stop, device=x0.device).repeat_interleave(B)
             xb = x0.repeat(len(steps), 1)
             noise = None if step_noise is None else torch.cat([step_noise(i) for i in steps])
-            xt, _ = self.forward_sample(xb, t, noise, generator)
+            xt, _ = self.noise_to(xb, t, noise, generator)
             kl, _ = self.terms(denoiser(xt, self._t_input(t)), xb, xt, t)
             total = total + kl.double().view(len(steps), B).sum(0)
         return total
 
     # -- sampling --------------------------------------------------------------------------
-    def step_grid(self, steps: int) -> Tensor:
-        """Decreasing integer steps ``T = t_steps > ... > t_0 = 0``, ``[steps + 1]``."""
-        if not 1 <= steps <= self.T:
-            raise ValueError(f"steps must be in 1..T={self.T}, got {steps}")
-        return torch.linspace(self.T, 0, steps + 1, dtype=torch.float64).round().long()
+    def sampling_times(self, times: Tensor) -> Tensor:
+        """The grid rounded to the steps ``t_index / T``, repeats dropped: any grid (uniform,
+        cosine) works, fewer intervals than asked where two times share a step."""
+        return torch.unique_consecutive(self.step_of(times)).double() / self.T
 
-    @torch.no_grad()
-    def sample(self, denoiser: Denoiser, shape: tuple[int, int], steps: int | None = None,
-               generator: torch.Generator | None = None, x: Tensor | None = None,
-               device: torch.device | str | None = None, return_nfe: bool = False) -> Tensor | tuple[Tensor, int]:
-        """Ancestral sampling from x_T ~ pi down to x_0 with p(x_s | x_t) (s = t - 1 when steps = T).
+    def step(self, output: Tensor, x: Tensor, active: Tensor, t: Tensor, s: Tensor,
+             generator: torch.Generator | None = None) -> Tensor:
+        """Ancestral step with p(x_s | x_t) (``Q_{t|s}`` when the grid skips steps).
 
-        ``steps`` (default T) evenly spaced integer steps; fewer steps jump with ``Q_{t|s}``. The
-        last step (to t = 0) is deterministic, as in the reference code: the argmax over the real
-        tokens of the model's p(x0 | x_t). For ``absorb`` at a masked position that is the argmax of
-        p~(x0 | x_t) over real tokens (the reference's rule); for ``uniform`` it also weighs each
-        candidate by ``Q_t[x0, x_t]``: under D3PM's parameterisation the best p~ is not the
-        posterior (module docstring), and its own argmax can be far from the data.
-        ``x``: optional LongTensor ``shape`` with given tokens and ``generate_id`` (= V) at the
-        positions to generate; given tokens never change (for ``uniform`` this clamping is a
-        heuristic: the true process would noise them too). Draws are float64 inverse-CDF over the
-        positions that can still change (masked ones for ``absorb``). A denoiser declaring
-        ``time_conditioned = False`` has its output reused while the tokens do not change. Returns
-        the tokens ``[B, N]``, and the number of network evaluations if asked.
+        The last step (to s = 0) is deterministic, as in the reference code: the argmax over the
+        real tokens of the model's p(x0 | x_t). At an absorbing masked position that is the argmax
+        of p~(x0 | x_t) over real tokens (the reference's rule); for the uniform kernel it also
+        weighs each candidate by ``Q_t[x0, x_t]``: under D3PM's parameterisation the best p~ is not
+        the posterior (module docstring), and its own argmax can be far from the data.
         """
-        steps = self.T if steps is None else steps
-        times = self.step_grid(steps)
-        V = self.vocab_size
-        x = initial_tokens(shape, self.generate_id, x, device)
-        free = x == self.generate_id
-        if self.kind == "uniform":
-            x[free] = torch.randint(0, V, (int(free.sum()),), device=x.device, generator=generator)
-        net = CachedDenoiser(denoiser, not is_time_conditioned(denoiser))
-        batch = x.shape[0]
-        for t, s in zip(times[:-1].tolist(), times[1:].tolist()):
-            active = free & (x == self.mask_id) if self.kind == "absorb" else free
-            if not active.any():
-                break
-            logits = net(x, torch.full((batch,), t / self.T, dtype=torch.float64, device=x.device))
-            log_x0 = self.x0_log_probs(logits[active])
-            t_, s_ = (torch.full((log_x0.shape[0],), v, dtype=torch.long, device=x.device) for v in (t, s))
-            log_p = self.log_posterior(log_x0, x[active], t_, s_)
-            if s == 0:
-                x[active] = log_p[:, :V].argmax(-1)
-                break
+        log_x0 = self.x0_log_probs(output[active])
+        t_, s_ = (torch.full((log_x0.shape[0],), int(v), dtype=torch.long, device=x.device)
+                  for v in (self.step_of(t), self.step_of(s)))
+        log_p = self.log_posterior(log_x0, x[active], t_, s_)
+        if s == 0:
+            x[active] = log_p[:, :self.vocab_size].argmax(-1)
+        else:
             x[active] = sample_categorical(log_p.double().exp(), generator)
-        return (x, net.nfe) if return_nfe else x
+        return x
+
+
+class AbsorbingD3PM(AbsorbingState, D3PMProcess):
+    """``K = V + 1`` states, ``pi = e_m``. The network may give the mask a logit too (Austin's
+    softmax over the full vocabulary) or not (MD4's: the mask gets probability 0)."""
+
+    def __init__(self, vocab_size: int, T: int = 1000, hybrid_lambda: float = 0.01, schedule: Schedule | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.num_states = vocab_size + 1
+        self.pi = F.one_hot(torch.tensor(vocab_size), vocab_size + 1).double()
+        super().__init__(vocab_size, T, hybrid_lambda, schedule, dtype)
+
+    def _prior_kl_per_token(self, a: float) -> float:
+        return math.inf  # pi never leaves the mask, q does with probability a
+
+    def _check_width(self, C: int) -> bool:
+        if C == self.vocab_size:
+            return False
+        if C == self.num_states:
+            return True
+        raise ValueError(f"denoiser returned {C} logits per position; expected one of "
+                         f"{(self.vocab_size, self.vocab_size + 1)}")
+
+
+class UniformD3PM(UniformState, D3PMProcess):
+    """``K = V`` states, ``pi = 1 / V``."""
+
+    def __init__(self, vocab_size: int, T: int = 1000, hybrid_lambda: float = 0.01, schedule: Schedule | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.num_states = vocab_size
+        self.pi = torch.full((vocab_size,), 1.0 / vocab_size, dtype=torch.float64)
+        super().__init__(vocab_size, T, hybrid_lambda, schedule, dtype)
+
+    def _prior_kl_per_token(self, a: float) -> float:
+        V = self.vocab_size
+        q_own = a + (1.0 - a) / V
+        return q_own * math.log(q_own * V) + (V - 1) * (1.0 - a) / V * math.log1p(-a)
+
+
+# The state space is chosen once, by name (the module's ``kind``), here.
+D3PM_PROCESSES: dict[str, type[D3PMProcess]] = {"absorb": AbsorbingD3PM, "uniform": UniformD3PM}
+D3PM_SCHEDULES: dict[str, type[Schedule]] = {"linear": Linear, "cosine": ShiftedCosine}
+
+
+def make_d3pm(vocab_size: int, T: int = 1000, kind: str = "absorb", hybrid_lambda: float = 0.01,
+              schedule: str = "linear", dtype: torch.dtype = torch.float32) -> D3PMProcess:
+    """The D3PM process by names: ``kind`` ``absorb`` or ``uniform``; ``schedule`` ``linear`` or ``cosine``."""
+    if kind not in D3PM_PROCESSES:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {sorted(D3PM_PROCESSES)}")
+    if schedule not in D3PM_SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(D3PM_SCHEDULES)}")
+    return D3PM_PROCESSES[kind](vocab_size, T, hybrid_lambda, D3PM_SCHEDULES[schedule](), dtype)

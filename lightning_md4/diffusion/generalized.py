@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_md4.diffusion.noise import TimeRange
-from lightning_md4.diffusion.sampling import (
-    CachedDenoiser, Denoiser, initial_tokens, is_time_conditioned, sample_categorical, time_grid,
-)
+from lightning_md4.diffusion.base import AbsorbingState, DiffusionProcess
+from lightning_md4.diffusion.sampling import Denoiser, sample_categorical
 
 
 class PerTokenSchedule(nn.Module):
@@ -50,7 +48,7 @@ class PerTokenSchedule(nn.Module):
         return torch.log(-torch.expm1(self.log_mask_prob(w, t)))
 
 
-class GenMaskedDiffusion(TimeRange):
+class GenMaskedDiffusion(AbsorbingState, DiffusionProcess):
     """The GenMD4 process with the same public API as ``MaskedDiffusion``.
 
     Times live in ``[t_min, 1]``: a uniform draw u becomes ``t = t_min + (1 - t_min) u`` and the
@@ -74,8 +72,7 @@ class GenMaskedDiffusion(TimeRange):
         if noise is None:
             noise = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
         w = self.schedule.w.detach().double()[x0]
-        mask = noise < self.schedule.mask_prob(w, t.double()[:, None])
-        return torch.where(mask, self.mask_id, x0), mask
+        return self.corrupt(x0, noise, self.schedule.mask_prob(w, t.double()[:, None]))
 
     def log_q(self, x0: Tensor, t: Tensor, mask: Tensor) -> Tensor:
         """log q(xt | x0) ``[B]`` in closed form, differentiable in w."""
@@ -173,41 +170,22 @@ class GenMaskedDiffusion(TimeRange):
         raise ValueError(f"unknown estimator {estimator!r}; choose 'rloo' or 'batch'")
 
     # -- sampling --------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, denoiser: Denoiser, shape: tuple[int, int], steps: int, grid: str = "uniform",
-               generator: torch.Generator | None = None, x: Tensor | None = None,
-               device: torch.device | str | None = None, cache: bool | None = None,
-               return_nfe: bool = False) -> Tensor | tuple[Tensor, int]:
-        """Ancestral sampling with per-token schedules, t = 1 -> 0.
+    def step(self, output: Tensor, x: Tensor, active: Tensor, t: Tensor, s: Tensor,
+             generator: torch.Generator | None = None) -> Tensor:
+        """One ancestral step t -> s with per-token schedules, from the logits ``output`` [B, N, V].
 
         For a masked position the exact reverse step given the clean token v reveals it with
         probability ``r_v = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v))``. v is unknown, so each
         step draws v from the model's posterior mu (float64) and then reveals the position with
         probability r_v, else leaves it masked: the transition ``P(x_s = v) = mu_v r_v``,
         ``P(stay masked) = 1 - sum_v mu_v r_v``, which is the exact reverse step when mu is the
-        true posterior p(x0[n] | xt) (the optimum of eq. 12). Given tokens of ``x`` never change;
-        anything still masked at the end takes the argmax.
+        true posterior p(x0[n] | xt) (the optimum of eq. 12).
         """
-        x = initial_tokens(shape, self.mask_id, x, device)
-        reuse = (not is_time_conditioned(denoiser)) if cache is None else cache
-        net = CachedDenoiser(denoiser, reuse)
         w = self.schedule.w.detach().double().to(x.device)
-        batch = x.shape[0]
-        times = time_grid(steps, grid, device=x.device)
-        for t, s in zip(times[:-1], times[1:]):
-            masked = x == self.mask_id
-            if not masked.any():
-                break
-            logits = net(x, t.expand(batch))
-            probs = torch.softmax(logits[masked].double(), dim=-1)  # [M, V]
-            v = sample_categorical(probs, generator)
-            # (alpha_s - alpha_t) / (1 - alpha_t) = 1 - (1 - alpha_s) / (1 - alpha_t) = 1 - (s / t)^w
-            reveal_prob = -torch.expm1(w[v] * torch.log(s / t))
-            u = torch.rand(v.shape, dtype=torch.float64, device=x.device, generator=generator)
-            new = torch.where(u < reveal_prob, v, self.mask_id)
-            x[masked] = new
-        masked = x == self.mask_id
-        if masked.any():
-            logits = net(x, torch.zeros(batch, dtype=torch.float64, device=x.device))
-            x[masked] = logits[masked].argmax(-1)
-        return (x, net.nfe) if return_nfe else x
+        probs = torch.softmax(output[active].double(), dim=-1)  # [M, V]
+        v = sample_categorical(probs, generator)
+        # (alpha_s - alpha_t) / (1 - alpha_t) = 1 - (1 - alpha_s) / (1 - alpha_t) = 1 - (s / t)^w
+        reveal_prob = -torch.expm1(w[v] * torch.log(s / t))
+        u = torch.rand(v.shape, dtype=torch.float64, device=x.device, generator=generator)
+        x[active] = torch.where(u < reveal_prob, v, self.mask_id)
+        return x

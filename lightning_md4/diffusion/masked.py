@@ -12,11 +12,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_md4.diffusion.base import AbsorbingState, DiffusionProcess
 from lightning_md4.diffusion.cross_entropy import cross_entropy
-from lightning_md4.diffusion.noise import TimeRange
-from lightning_md4.diffusion.sampling import (
-    CachedDenoiser, Denoiser, initial_tokens, is_time_conditioned, sample_categorical, time_grid,
-)
+from lightning_md4.diffusion.sampling import Denoiser, sample_categorical
 from lightning_md4.diffusion.schedules import Schedule
 
 
@@ -31,8 +29,8 @@ def masked_cross_entropy(logits: Tensor, x0: Tensor, mask: Tensor, chunk_rows: i
     return (ce.view(B, N) * mask).sum(-1)
 
 
-class MaskedDiffusion(TimeRange):
-    """The MD4 process: forward masking, the continuous and discrete NELBOs, ancestral sampling.
+class MaskedDiffusion(AbsorbingState, DiffusionProcess):
+    """The MD4 process: forward masking, the continuous and discrete NELBOs, the ancestral step.
 
     Endpoint rule: when the schedule does not reach alpha(0) = 1 and alpha(1) = 0 (clipping, the
     geometric schedule), ``nelbo`` adds both endpoint terms, each exact for the stated choice of
@@ -68,9 +66,7 @@ class MaskedDiffusion(TimeRange):
         """
         if noise is None:
             noise = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
-        p_mask = self.schedule.one_minus_alpha(t.double())[:, None]
-        mask = noise < p_mask
-        return torch.where(mask, self.mask_id, x0), mask
+        return self.corrupt(x0, noise, self.schedule.one_minus_alpha(t.double())[:, None])
 
     def endpoint_terms(self, seq_len: int) -> float:
         """Reconstruction plus prior terms in nats per sequence (see the class docstring)."""
@@ -132,36 +128,14 @@ class MaskedDiffusion(TimeRange):
         sch = self.schedule
         return (sch.alpha(s) - sch.alpha(t)) / sch.one_minus_alpha(t)
 
-    @torch.no_grad()
-    def sample(self, denoiser: Denoiser, shape: tuple[int, int], steps: int, grid: str = "uniform",
-               generator: torch.Generator | None = None, x: Tensor | None = None,
-               device: torch.device | str | None = None, cache: bool | None = None,
-               return_nfe: bool = False) -> Tensor | tuple[Tensor, int]:
-        """Ancestral sampling (paper Alg. 2) from t = 1 to 0 on a ``uniform`` or ``cosine`` grid.
-
-        ``x``: optional LongTensor ``shape`` holding given tokens and ``mask_id`` elsewhere (prompts,
-        infilling); given tokens never change. Draws are made in float64 over masked positions
-        only; tokens still masked at the end take the argmax. ``cache`` (default: when the
-        denoiser declares ``time_conditioned = False``) reuses the network output until a token
-        changes. Returns the tokens ``[B, N]``, and the number of network evaluations if asked.
-        """
-        x = initial_tokens(shape, self.mask_id, x, device)
-        reuse = (not is_time_conditioned(denoiser)) if cache is None else cache
-        net = CachedDenoiser(denoiser, reuse)
-        times = time_grid(steps, grid, device=x.device)
-        batch = x.shape[0]
-        for t, s in zip(times[:-1], times[1:]):
-            masked = x == self.mask_id
-            if not masked.any():
-                break
-            logits = net(x, t.expand(batch))
-            reveal = torch.rand(masked.shape, dtype=torch.float64, device=x.device, generator=generator)
-            reveal = masked & (reveal < self.unmask_probability(s, t))
-            if reveal.any():
-                probs = torch.softmax(logits[reveal].double(), dim=-1)
-                x[reveal] = sample_categorical(probs, generator)
-        masked = x == self.mask_id
-        if masked.any():
-            logits = net(x, torch.zeros(batch, dtype=torch.float64, device=x.device))
-            x[masked] = logits[masked].argmax(-1)
-        return (x, net.nfe) if return_nfe else x
+    def step(self, output: Tensor, x: Tensor, active: Tensor, t: Tensor, s: Tensor,
+             generator: torch.Generator | None = None) -> Tensor:
+        """Paper Alg. 2: each masked token is revealed with probability ``unmask_probability(s, t)``
+        and then drawn from the softmax of the logits ``output`` [B, N, V]; anything still masked
+        at t = 0 takes the argmax (the sampler's final pass, needed by clipped schedules)."""
+        reveal = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
+        reveal = active & (reveal < self.unmask_probability(s, t))
+        if reveal.any():
+            probs = torch.softmax(output[reveal].double(), dim=-1)
+            x[reveal] = sample_categorical(probs, generator)
+        return x

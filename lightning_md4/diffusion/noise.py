@@ -48,22 +48,6 @@ def uniform_times(batch: int, device: torch.device | str | None = None, antithet
     return torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
 
 
-class TimeRange:
-    """Mixin of the processes: one uniform u in [0, 1) per sequence becomes a time
-    ``t = t_min + (1 - t_min) u`` (the identity for ``t_min = 0``); an estimator over [t_min, 1]
-    carries the Jacobian ``1 - t_min``."""
-
-    t_min: float = 0.0
-
-    def time_from_uniform(self, u: Tensor) -> Tensor:
-        return self.t_min + (1.0 - self.t_min) * u
-
-    def sample_times(self, batch: int, device: torch.device | str | None = None, antithetic: bool = True,
-                     generator: torch.Generator | None = None) -> Tensor:
-        """One time per sequence, float64 ``[batch]``; stratified across the batch if antithetic."""
-        return self.time_from_uniform(uniform_times(batch, device, antithetic, generator))
-
-
 def _hash32(x: Tensor) -> Tensor:
     """A 32-bit integer mixing function (Wellons' "lowbias32") on int64 tensors holding uint32 values.
 

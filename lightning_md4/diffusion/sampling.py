@@ -1,4 +1,4 @@
-"""Pieces of the sampling loop shared by all methods: time grids, float64 draws, the output cache."""
+"""Pieces of the sampling loop (``diffusion/base.py``): time grids, float64 draws, the output cache."""
 
 from __future__ import annotations
 
@@ -30,17 +30,6 @@ def time_grid(steps: int, grid: str = "uniform", device: torch.device | str | No
         t[0], t[-1] = 1.0, 0.0  # exact endpoints despite rounding
         return t
     raise ValueError(f"unknown time grid {grid!r}; choose one of {GRIDS}")
-
-
-def initial_tokens(shape: tuple[int, int], fill: int, x: Tensor | None = None,
-                   device: torch.device | str | None = None) -> Tensor:
-    """The sampler's start: all ``fill`` (the mask), or a copy of the conditioning ``x`` [B, N]
-    that holds given tokens and ``fill`` where tokens are to be generated."""
-    if x is None:
-        return torch.full(shape, fill, dtype=torch.long, device=device)
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"conditioning x has shape {tuple(x.shape)}, expected {tuple(shape)}")
-    return x.clone()
 
 
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:

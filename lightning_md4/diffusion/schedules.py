@@ -49,6 +49,14 @@ class Schedule:
         """-alpha'(t) / (1 - alpha(t)) >= 0; infinite only at t = 0 for unclipped schedules."""
         return -self.dalpha(t) / self.one_minus_alpha(t)
 
+    def sigma_bar(self, t: Tensor) -> Tensor:
+        """Total noise -log alpha(t) (SEDD's sigma_bar), by log1p so it keeps precision near t = 0."""
+        return -torch.log1p(-self.one_minus_alpha(t))
+
+    def rate(self, t: Tensor) -> Tensor:
+        """Noise rate sigma(t) = d sigma_bar / dt = -alpha'(t) / alpha(t)."""
+        return -self.dalpha(t) / self.alpha(t)
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
@@ -62,6 +70,23 @@ class Linear(Schedule):
 
     def _dalpha(self, t: Tensor) -> Tensor:
         return torch.full_like(t, -1.0)
+
+
+class LogLinear(Schedule):
+    """alpha_t = 1 - (1 - eps) t: SEDD's log-linear noise, sigma_bar = -log(1 - (1 - eps) t),
+    linear from alpha_0 = 1 to alpha_1 = eps."""
+
+    def __init__(self, eps: float = 1e-3, clip_eps: float = 0.0) -> None:
+        super().__init__(clip_eps)
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"LogLinear schedule needs eps in (0, 1), got {eps}")
+        self.eps = eps
+
+    def _one_minus_alpha(self, t: Tensor) -> Tensor:
+        return (1.0 - self.eps) * t
+
+    def _dalpha(self, t: Tensor) -> Tensor:
+        return torch.full_like(t, -(1.0 - self.eps))
 
 
 class Polynomial(Schedule):
@@ -93,6 +118,31 @@ class Cosine(Schedule):
         return -0.5 * math.pi * torch.cos(0.5 * math.pi * t)
 
 
+class ShiftedCosine(Schedule):
+    """alpha_t = f(t) / f(0), f(t) = cos((t + s) / (1 + s) pi/2) (Nichol and Dhariwal's cosine, the
+    D3PM uniform runs' schedule); alpha_1 = 0 exactly (the formula's cos(pi/2) rounds to 6e-17)."""
+
+    def __init__(self, s: float = 0.008, clip_eps: float = 0.0) -> None:
+        super().__init__(clip_eps)
+        if s <= 0:
+            raise ValueError(f"ShiftedCosine schedule needs s > 0, got {s}")
+        self.s = s
+
+    def _f(self, t: Tensor) -> Tensor:
+        return torch.cos((t + self.s) / (1.0 + self.s) * (math.pi / 2))
+
+    def _alpha(self, t: Tensor) -> Tensor:
+        # f(0) by the same op as f(t), so that alpha_0 = 1 exactly.
+        return torch.where(t >= 1.0, 0.0, self._f(t) / self._f(torch.zeros_like(t)))
+
+    def _one_minus_alpha(self, t: Tensor) -> Tensor:
+        return 1.0 - self._alpha(t)
+
+    def _dalpha(self, t: Tensor) -> Tensor:
+        scale = math.pi / (2.0 * (1.0 + self.s))
+        return -scale * torch.sin((t + self.s) / (1.0 + self.s) * (math.pi / 2)) / self._f(torch.zeros_like(t))
+
+
 class Geometric(Schedule):
     """alpha_t = exp(-beta_min^(1-t) beta_max^t) (paper Table 4).
 
@@ -120,9 +170,20 @@ class Geometric(Schedule):
         sigma = self._sigma(t)
         return -torch.exp(-sigma) * sigma * math.log(self.beta_max / self.beta_min)
 
+    def sigma_bar(self, t: Tensor) -> Tensor:
+        if self.clip_eps:
+            return super().sigma_bar(t)
+        return self._sigma(t)
+
+    def rate(self, t: Tensor) -> Tensor:
+        if self.clip_eps:
+            return super().rate(t)
+        return self._sigma(t) * math.log(self.beta_max / self.beta_min)
+
 
 SCHEDULES: dict[str, type[Schedule]] = {
     "linear": Linear,
+    "loglinear": LogLinear,
     "polynomial": Polynomial,
     "cosine": Cosine,
     "geometric": Geometric,

@@ -21,7 +21,8 @@ from lightning_md4.diffusion.noise import EVAL_DRAW_STREAM  # noqa: F401  (where
 from lightning_md4.diffusion.noise import Stream, keyed_times, keyed_uniform, stratified_times, stream_id
 from lightning_md4.conditioning import ClassConditioned
 from lightning_md4.nets import NetworkConfig, build_network, network_config
-from lightning_md4.diffusion.sampling import Denoiser
+from lightning_md4.diffusion.base import DiffusionProcess, sample
+from lightning_md4.diffusion.sampling import Denoiser, time_grid
 
 
 class CheckpointError(ValueError):
@@ -88,7 +89,7 @@ class DiffusionModule(pl.LightningModule):
         self.metrics = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
 
     @property
-    def process(self) -> Any:
+    def process(self) -> DiffusionProcess:
         raise NotImplementedError
 
     def posterior_depends_on_time(self) -> bool:
@@ -266,14 +267,10 @@ class DiffusionModule(pl.LightningModule):
         was_training = self.net.training
         self.net.eval()
         try:
-            return self.process.sample(denoiser, (num_samples, self.hparams.seq_len), steps, generator=generator,
-                                       x=x, device=self.device, return_nfe=True, **self.sample_kwargs(grid))
+            return sample(self.process, denoiser, (num_samples, self.hparams.seq_len), time_grid(steps, grid),
+                          generator=generator, x=x, device=self.device)
         finally:
             self.net.train(was_training)
-
-    def sample_kwargs(self, grid: str) -> dict[str, Any]:
-        """Method-specific sampler options."""
-        return {"grid": grid}
 
     # -- optimisation ----------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:

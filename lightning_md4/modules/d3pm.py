@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from torch import Tensor
 
-from lightning_md4.diffusion.d3pm import DiscreteDiffusion, StepNoise
+from lightning_md4.diffusion.d3pm import D3PMProcess, StepNoise, make_d3pm
 from lightning_md4.diffusion.noise import Stream, keyed_uniform, stream_id
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
 from lightning_md4.nets import NetworkConfig
@@ -19,15 +19,13 @@ class D3PM(DiffusionModule):
     (MD4's choice); training uses one step t per example and the hybrid loss
     ``T (kl_t + hybrid_lambda * CE_t)``: Austin et al.'s per-step loss ``kl_t + lambda CE_t`` (kl_t
     is one of the T terms of L_vb), under which their published numbers were trained, scaled by T
-    so that its bound part is the L_vb estimate (``DiscreteDiffusion.loss``). Training and
+    so that its bound part is the L_vb estimate (``D3PMProcess.loss``). Training and
     validation report that L_vb estimate, without the CE term.
 
     Args:
         T: number of diffusion steps (paper: 1000 for text8).
         kind: ``absorb`` or ``uniform``.
         hybrid_lambda: weight of the x0 cross-entropy (0.01 text, 0.001 images).
-        log_eps: None (stable log-space math) or the reference code's epsilon (1e-6 images, 1e-20
-            text), to reproduce its instability.
         exact_test: ``md4 test`` sums all T terms of the bound (D3PM's evaluation; T network passes
             per batch) instead of the one-draw estimate that validation uses. Its forward draws
             are keyed by ``(eval_seed, example index, step)``: a sequence's number does not depend
@@ -36,14 +34,14 @@ class D3PM(DiffusionModule):
     """
 
     def __init__(self, vocab_size: int, seq_len: int, T: int = 1000, kind: Literal["absorb", "uniform"] = "absorb",
-                 hybrid_lambda: float = 0.01, log_eps: float | None = None, exact_test: bool = False,
+                 hybrid_lambda: float = 0.01, exact_test: bool = False,
                  network: NetworkConfig | None = None, optim: OptimConfig | None = None,
                  antithetic: bool = True, seed: int = 0, eval_seed: int = 0) -> None:
         super().__init__(vocab_size, seq_len, network, optim, antithetic, seed, eval_seed)
-        self._process = DiscreteDiffusion(vocab_size, T=T, kind=kind, hybrid_lambda=hybrid_lambda, log_eps=log_eps)
+        self._process = make_d3pm(vocab_size, T=T, kind=kind, hybrid_lambda=hybrid_lambda)
 
     @property
-    def process(self) -> DiscreteDiffusion:
+    def process(self) -> D3PMProcess:
         return self._process
 
     def train_objective(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -70,6 +68,3 @@ class D3PM(DiffusionModule):
         noise = self.exact_test_noise(batch["index"], x0.shape[1])
         nelbo = self.process.nelbo_exact(self.denoiser(batch), x0, batch_T=8, step_noise=noise)
         self.metrics["test"].update(nelbo / x0.shape[1])
-
-    def sample_kwargs(self, grid: str) -> dict[str, Any]:
-        return {}  # D3PM steps through its own integer time grid

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from lightning_md4.diffusion.sedd import ScoreEntropyDiffusion
+from lightning_md4.diffusion.sedd import ScoreEntropyDiffusion, make_sedd
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
 from lightning_md4.nets import NetworkConfig
 
@@ -26,7 +26,7 @@ class SEDD(DiffusionModule):
                  network: NetworkConfig | None = None, optim: OptimConfig | None = None,
                  antithetic: bool = True, seed: int = 0, eval_seed: int = 0) -> None:
         super().__init__(vocab_size, seq_len, network, optim, antithetic, seed, eval_seed)
-        self._process = ScoreEntropyDiffusion(vocab_size, noise, graph, eps, sigma_min, sigma_max, t_min)
+        self._process = make_sedd(vocab_size, noise, graph, eps, sigma_min, sigma_max, t_min, sampler)
 
     @property
     def process(self) -> ScoreEntropyDiffusion:
@@ -37,6 +37,3 @@ class SEDD(DiffusionModule):
         Absorbing graph: the optimal raw output ``log mu + log V`` does not depend on t (the score's
         sigma_bar(t) factor is applied outside the network)."""
         return self.hparams.graph == "uniform"
-
-    def sample_kwargs(self, grid: str) -> dict[str, Any]:
-        return {"grid": grid, "method": self.hparams.sampler}
