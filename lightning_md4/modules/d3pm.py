@@ -6,7 +6,8 @@ from typing import Literal
 
 from torch import Tensor
 
-from lightning_md4.diffusion.d3pm import D3PMProcess, StepNoise, make_d3pm
+from lightning_md4.diffusion.base import UniformState
+from lightning_md4.diffusion.d3pm import D3PM_PROCESSES, D3PMProcess, StepNoise, make_d3pm
 from lightning_md4.diffusion.noise import Stream, keyed_uniform, stream_id
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
 from lightning_md4.nets import NetworkConfig
@@ -51,7 +52,7 @@ class D3PM(DiffusionModule):
 
     def posterior_depends_on_time(self) -> bool:
         """Uniform kernel: q(x0 | x_t) depends on t (no token is known clean); absorbing: it does not."""
-        return self.hparams.kind == "uniform"
+        return issubclass(D3PM_PROCESSES[self.hparams.kind], UniformState)
 
     def exact_test_noise(self, index: Tensor, seq_len: int) -> StepNoise:
         """The forward-draw uniforms ``[B, N]`` of each step t, keyed by ``(eval_seed, index, t)``.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from lightning_md4.diffusion.sedd import ScoreEntropyDiffusion, make_sedd
+from lightning_md4.diffusion.base import UniformState
+from lightning_md4.diffusion.sedd import SEDD_PROCESSES, ScoreEntropyDiffusion, make_sedd
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
 from lightning_md4.nets import NetworkConfig
 
@@ -36,4 +37,4 @@ class SEDD(DiffusionModule):
         """Uniform graph: any token may be noise, and how likely it is to be clean falls with t.
         Absorbing graph: the optimal raw output ``log mu + log V`` does not depend on t (the score's
         sigma_bar(t) factor is applied outside the network)."""
-        return self.hparams.graph == "uniform"
+        return issubclass(SEDD_PROCESSES[self.hparams.graph], UniformState)
