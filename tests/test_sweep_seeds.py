@@ -334,11 +334,10 @@ def test_a_real_grid_study_with_two_seeds(tmp_path):
     configuration has 2 finished seeds in the report, its seeds differ (the seed reached the run), and
     each run's TensorBoard folder holds one HPARAMS entry (the study's) and final/* at the step measured."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from test_sweeps import ENV, TINY, sweep, write_study
+    from test_sweeps import sweep, write_study
 
-    args = [a for a in TINY if "limit_val_batches" not in a] + ["--data.init_args.val_examples=16"]
     space = {"schedule": {"type": "categorical", "choices": ["linear", "cosine"], "arg": "model.init_args.schedule"}}
-    study_file = write_study(tmp_path, search_space=space, args=args, seeds=[0, 1], eval_draws=2,
+    study_file = write_study(tmp_path, search_space=space, seeds=[0, 1], eval_draws=2,
                              baseline={"schedule": "linear"})
     out = sweep("run", str(study_file), cwd=tmp_path).stdout
     spec = load_spec(study_file)

@@ -30,7 +30,7 @@ from sweeps.worker import SURPLUS, build_command, counted_trials, storage_url
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [str(ROOT / "configs" / "digits.yaml"), str(ROOT / "sweeps" / "studies" / "tiny_digits.yaml")]
 TINY = ["--trainer.accelerator=cpu", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
-        "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
+        "--data.init_args.val_examples=16", "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
         "--model.init_args.network.n_layers=1", "--model.init_args.network.d_model=32",
         "--model.init_args.network.n_heads=2", "--model.init_args.network.d_cond=16",
         "--data.init_args.global_batch_size=16", "--data.init_args.eval_batch_size=16"]
@@ -154,7 +154,8 @@ def write_study_text() -> str:
 def test_grid_study_of_ddp_trials_by_two_workers_sharing_a_journal(tmp_path):
     """2 x 2 grid, every trial a 2-process gloo DDP run under torchrun, two workers sharing one
     journal file: exactly 4 trials, each point run once by one worker, their values in the storage,
-    one TensorBoard run each with the HPARAMS summary, and the results table."""
+    one TensorBoard run each (rank 0's training events, the study's session start and end), and the
+    results table."""
     study_file = write_study(tmp_path, launcher={"kind": "torchrun", "devices": 2},
                              storage=f"journal:{tmp_path / 'study.log'}")
     workers = [subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(study_file)], cwd=tmp_path,
@@ -178,14 +179,15 @@ def test_grid_study_of_ddp_trials_by_two_workers_sharing_a_journal(tmp_path):
         assert ranks[0]["metrics"]["val/nelbo"] == ranks[1]["metrics"]["val/nelbo"]  # synced over ranks
         run = Path(t.user_attrs["trial_dir"])
         assert run.name == f"trial_{t.number:04d}" and run.parent == tmp_path / "study"
-        assert len(list(run.glob("events.out.tfevents.*"))) == 1
+        files = [f.name for f in run.glob("events.out.tfevents.*")]
+        assert len(files) == 3 and sum(f.endswith(".session") for f in files) == 2
         acc = EventAccumulator(str(run))
         acc.Reload()
         assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
         assert "final/val/nelbo" in acc.Tags()["scalars"] and "val/nelbo" in acc.Tags()["scalars"]
     assert len({t.value for t in trials}) == 4  # the parameters reached the runs
     table = (tmp_path / "study" / "results.md").read_text()
-    assert table.count("| COMPLETE |") == 4 and "| trial | state | schedule | antithetic | val/nelbo |" in table
+    assert table.count("| COMPLETE |") == 4 and "| trial | state | schedule | antithetic | seed | val/nelbo |" in table
 
 
 def test_pruned_trial_stops_every_rank(tmp_path):
