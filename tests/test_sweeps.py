@@ -347,10 +347,10 @@ def test_a_failed_run_is_recorded_with_its_error(tmp_path, monkeypatch):
     assert len(trials) == 2
     failed = next(t for t in trials if t.params["schedule"] == "cosine")
     assert failed.state == TrialState.FAIL and failed.user_attrs["error"].startswith("exit code 1: Traceback")
-    assert "RuntimeError: run of {'schedule': 'cosine'} broke" in failed.user_attrs["error"]
+    assert "RuntimeError: run of {'schedule': 'cosine', 'seed': 0} broke" in failed.user_attrs["error"]
     assert next(t for t in trials if t is not failed).state == TrialState.COMPLETE
     rows = result_rows(load(write_study(tmp_path, search_space=space)), spec)
-    assert rows[[r["schedule"] for r in rows].index("cosine")]["note"] == "RuntimeError: run of {'schedule': 'cosine'} broke"
+    assert rows[[r["schedule"] for r in rows].index("cosine")]["note"] == "RuntimeError: run of {'schedule': 'cosine', 'seed': 0} broke"
 
 
 def test_journal_stale_trial_is_failed_and_requeued_once(tmp_path):
