@@ -140,7 +140,8 @@ def test_callback_gives_a_class_conditional_network_each_row_its_label(tmp_path)
     """With m = 2 noised copies per sequence the labels must follow the copies' row order: then the
     label-echo network is exact and the estimator has no variance; wrong or missing labels give
     cross-entropies of tens of nats."""
-    model = MD4(4, 6, network=TINY, optim={"lr": 0.0, "warmup_steps": 1})
+    # lr must be > 0 (OptimConfig checks it); 1e-12 leaves the weights as they are
+    model = MD4(4, 6, network=TINY, optim={"lr": 1e-12, "warmup_steps": 1})
     model.net = _LabelEcho(4)
     monitor = EstimatorVarianceMonitor(draws=4, num_sequences=4, samples_per_sequence=[2], seed=1)
     trainer = pl.Trainer(max_steps=1, val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0,
