@@ -212,7 +212,7 @@ class ZeroShotDataModule(TokenDataModule):
         if self.path is None:
             return hub_documents(name, config, split, self.set.field,
                                  f"download {self.hparams.name} and pass the file with {PATH_KEY} "
-                                 f"(md4 zeroshot: --paths {self.hparams.name}=FILE)")
+                                 f"(md4 zeroshot: --paths.{self.hparams.name} FILE)")
         per_line = self.path.suffix not in (".jsonl", ".parquet")
         docs = read_documents(self.path, self.set.field, per_line=per_line)
         if per_line and not self.set.keep_newline:

@@ -272,7 +272,7 @@ def best_candidates(states: dict[str, Any]) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     """``python -m lightning_md4.checkpointing newest RUN_DIR``: print the newest checkpoint of the run
     that loads (nothing when there is none); a line on stderr names each skipped file and why."""
-    from lightning_md4.cli import load_checkpoint
+    from lightning_md4.checkpoints import load_checkpoint
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "newest":

@@ -1,76 +1,82 @@
-"""The ``md4`` command: LightningCLI (fit, validate, test) plus sample, evaluate-samples, zeroshot, genppl.
+"""The ``md4`` command: LightningCLI's fit, validate and test, plus the commands that use a checkpoint
+(sample, evaluate-samples, zeroshot, genppl: typed functions of :mod:`lightning_md4.commands`).
 
     md4 fit --config configs/digits.yaml
     md4 test --config configs/digits.yaml --ckpt_path last
     md4 sample --ckpt_path runs/digits/checkpoints/last.ckpt --output samples.png
     md4 evaluate-samples --config configs/fid.yaml --ckpt_path runs/cifar10/checkpoints/last.ckpt
 
-Only the standard library is imported at the top: torch and Lightning take seconds to import,
-and ``md4 --help`` needs neither.
+torch and Lightning take seconds to import: only the commands that run import them, and
+``md4 --help`` needs neither.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-HELP = """usage: md4 COMMAND [options]     (md4 COMMAND --help lists the options of a command)
+from docstring_parser import parse as parse_docstring
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
-Train and score (Lightning's Trainer; --config YAML, then --section.key value overrides):
-  fit               train: md4 fit --config configs/digits.yaml; resume a run with --ckpt_path last
-                    (--strict_resume: fail when the run has no checkpoint instead of starting it)
-  validate          validation NELBO of a checkpoint: --ckpt_path FILE, or last / best of the run
-  test              test NELBO of a checkpoint (written to the run's TensorBoard at its step);
-                    validate and test take --random_weights to score an untrained network instead
-Use a checkpoint of md4 fit:
-  sample            md4 sample --ckpt_path CKPT [--output samples.png]: draw samples
-  evaluate-samples  md4 evaluate-samples --ckpt_path CKPT [--num_samples N --steps S --grid cosine
-                    --guidance W]: FID and Inception Score of an image model
-  zeroshot          md4 zeroshot --ckpt_path CKPT [--sets lambada,wikitext2 --paths lambada=FILE]:
-                    zero-shot perplexity table of a text model
-  genppl            md4 genppl --ckpt_path CKPT [--scorer gpt2-large]: generative perplexity and
-                    unigram entropy of samples
-Methods (--model): MD4, GenMD4, SEDD, D3PM.
-"""
+from lightning_md4.checkpoints import default_precision, first_line, load_checkpoint
+from lightning_md4.commands import COMMANDS, UsageError
+
+# LightningCLI's subcommands (no predict: the models have no predict_step) with their line of
+# ``md4 --help``; LightningCLI itself parses their options.
+LIGHTNING_COMMANDS = {
+    "fit": "Train a model; --ckpt_path last resumes the run (--strict_resume: fail when there is none).",
+    "validate": "Validation NELBO of a checkpoint (--ckpt_path FILE|last|best) or of --random_weights.",
+    "test": "Test NELBO of a checkpoint, logged to the run's TensorBoard at its step; options as validate.",
+}
 
 # TensorBoard's HPARAMS tab reads these scalar tags of the run as its metrics (the last value of each).
 HPARAM_METRICS = ("val/nelbo", "test/nelbo")
-
-
-class UsageError(ValueError):
-    """A command line that cannot run: a bad option value, a missing or contradictory option."""
 
 
 class ConfigError(ValueError):
     """A configuration value that its class refused when the CLI built the model, data or trainer."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse without abbreviations whose errors become one ``md4: error:`` line."""
+def command_parser() -> ArgumentParser:
+    """The parser of ``md4``: every command with its line of help; the options of the commands of
+    :data:`COMMANDS` from their signatures and docstrings."""
+    parser = ArgumentParser(prog="md4", exit_on_error=False, allow_abbrev=False,
+                            description="Masked discrete diffusion: train and score with Lightning's Trainer "
+                                        "(fit, validate, test: --config YAML, then --section.key value overrides), "
+                                        "then sample and evaluate a checkpoint of md4 fit.",
+                            epilog="Methods (--model): MD4, GenMD4, SEDD, D3PM. "
+                                   "md4 COMMAND --help lists the options of a command.")
+    subcommands = parser.add_subcommands(dest="command", required=True)
+    for name, help_line in LIGHTNING_COMMANDS.items():
+        subcommands.add_subcommand(name, ArgumentParser(description=help_line), help=help_line)
+    for name, function in COMMANDS.items():
+        doc = parse_docstring(function.__doc__)
+        sub = ArgumentParser(description=" ".join(filter(None, [doc.short_description, doc.long_description])),
+                             exit_on_error=False, allow_abbrev=False)
+        sub.add_argument("--config", action=ActionConfigFile,
+                         help="YAML with any of these options (e.g. configs/fid.yaml)")
+        sub.add_function_arguments(function, as_group=False, as_positional=False)
+        subcommands.add_subcommand(name, sub, help=doc.short_description)
+    return parser
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(allow_abbrev=False, **kwargs)
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} ({self.prog} --help lists the options)")
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+def run_command(argv: list[str]) -> None:
+    """``md4 COMMAND ...`` for a command of :data:`COMMANDS`, or ``md4 --help``."""
+    parser = command_parser()
+    if not argv:
+        parser.print_help()
+        return
+    cfg = parser.parse_args(argv)
+    arguments = cfg[cfg.command].as_dict()
+    arguments.pop("config", None)  # the YAML files, whose values are already in the arguments
+    COMMANDS[cfg.command](**arguments)
 
 
 def lightning_cli(argv: list[str] | None) -> None:
     """``md4 fit|validate|test`` through LightningCLI (imported here: it takes seconds)."""
-    import torch
     from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -109,8 +115,7 @@ def lightning_cli(argv: list[str] | None) -> None:
 
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
-            # No predict: the models have no predict_step.
-            return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+            return {name: LightningCLI.subcommands()[name] for name in LIGHTNING_COMMANDS}
 
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
@@ -127,9 +132,8 @@ def lightning_cli(argv: list[str] | None) -> None:
 
         def before_instantiate_classes(self) -> None:
             trainer_cfg = self.config[self.subcommand].trainer
-            # ``trainer.precision: null`` means bf16-mixed on a GPU and 32-bit on the CPU.
             if trainer_cfg.get("precision") is None:
-                trainer_cfg.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+                trainer_cfg.precision = default_precision()
             # HPARAMS shows the metrics RunRecord names, not Lightning's placeholder hp_metric = -1.
             loggers = trainer_cfg.get("logger")
             for logger in loggers if isinstance(loggers, list) else [loggers]:
@@ -201,10 +205,6 @@ def lightning_cli(argv: list[str] | None) -> None:
     MD4CLI(DiffusionModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
            parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False, "allow_abbrev": False},
            save_config_callback=RunRecord, save_config_kwargs={"overwrite": True}, args=argv)
-
-
-def first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def innermost_value_error(err: BaseException) -> BaseException:
@@ -331,41 +331,6 @@ def write_hparams(logger: Any, params: dict[str, Any]) -> None:
     logger.experiment.flush()
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint, turning every way it can be broken into a clear ``CheckpointError``."""
-    import torch
-
-    from lightning_md4.modules.base import CheckpointError
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass --ckpt_path with a .ckpt file of a fit run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(err).__name__}: "
-                              f"{first_line(err)[:200]}); use another checkpoint (--ckpt_path last takes the "
-                              "run's newest that loads)") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "_class_path" not in ckpt.get("hyper_parameters", {}):
-        raise CheckpointError(f"checkpoint {path} was not written by `md4 fit` (no model hyper-parameters)")
-    return ckpt
-
-
-def resolve_class(class_path: str, base: type) -> type:
-    """The class a checkpoint names, which must be a subclass of ``base`` (Lightning's loader on the
-    base class would drop the subclass name and build the base)."""
-    from lightning_md4.modules.base import CheckpointError
-
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        raise CheckpointError(f"checkpoint names class {class_path!r}, which cannot be imported") from None
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise CheckpointError(f"checkpoint names class {class_path!r}, which is not a {base.__name__}")
-    return cls
-
-
 def option_values(argv: list[str], option: str) -> list[str]:
     """The values given to ``option`` as ``--option VALUE`` or ``--option=VALUE``."""
     values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
@@ -374,9 +339,6 @@ def option_values(argv: list[str], option: str) -> list[str]:
 
 def check_ckpt_argument(argv: list[str]) -> None:
     """Validate a ``--ckpt_path FILE`` before LightningCLI reads it (it would fail with a traceback)."""
-    # These subcommands load and check their checkpoint themselves.
-    if argv[:1] in (["sample"], ["evaluate-samples"], ["zeroshot"], ["genppl"]):
-        return
     for value in option_values(argv, "--ckpt_path"):
         if value not in ("last", "best", "null"):
             load_checkpoint(value)
@@ -396,152 +358,16 @@ def check_method_argument(argv: list[str]) -> None:
             raise UsageError(f"--model {name} is not a method; choose one of {', '.join(methods)}")
 
 
-def sample_main(argv: list[str]) -> None:
-    """``md4 sample``: load a checkpoint (EMA weights) and write samples to a PNG grid or text file."""
-    from lightning_md4.diffusion.sampling import GRIDS
-
-    p = OneLineParser(prog="md4 sample", description=sample_main.__doc__)
-    p.add_argument("--ckpt_path", required=True, help="checkpoint written by md4 fit (e.g. .../last.ckpt)")
-    p.add_argument("--num_samples", type=positive_int, default=64)
-    p.add_argument("--steps", type=positive_int, default=256, help="number of sampling steps")
-    p.add_argument("--grid", choices=GRIDS, default="cosine", help="time grid of the sampler")
-    p.add_argument("--guidance", type=float, default=0.0,
-                   help="classifier-free guidance scale (class-conditional models, which draw the classes in turn)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if there is a GPU, else cpu")
-    p.add_argument("--output", default="samples.png",
-                   help="PNG for image data; for text data a text file of one sample per line")
-    args = p.parse_args(argv)
-    import torch
-
-    from lightning_md4.callbacks import save_samples
-
-    device = args.device or default_device()
-    model, datamodule = load_model_and_data(args.ckpt_path, device, args.guidance)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    tokens, nfe = model.sample(args.num_samples, args.steps, args.grid, generator=generator, guidance=args.guidance)
-    texts = datamodule.decode(tokens.cpu())
-    if texts is not None:
-        out = write_text_samples(texts, args.output)
-    else:  # a class-conditional model's grid: one row per class
-        out = save_samples(tokens, datamodule, args.output, num_classes=model.num_classes)
-    print(f"wrote {args.num_samples} samples to {out} ({args.steps} steps, {args.grid} grid, {nfe} network evaluations)")
-
-
-# A sample's own line breaks are shown as this mark, so that each line of the file is one sample.
-LINE_BREAK_MARK = "\u23ce"
-
-
-def write_text_samples(texts: list[str], output: str | Path) -> Path:
-    """Write one sample per line; line breaks inside a sample become ``LINE_BREAK_MARK``."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    lines = [text.replace("\r\n", "\n").replace("\n", LINE_BREAK_MARK) for text in texts]
-    output.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    return output
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model_and_data(ckpt_path: str, device: str, guidance: float = 0.0) -> tuple[Any, Any]:
-    """The model (``DiffusionModule``, EMA weights) and the data module of a checkpoint written by ``md4 fit``."""
-    from datamodules.base import TokenDataModule
-    from lightning_md4.modules.base import CheckpointError, DiffusionModule
-
-    ckpt = load_checkpoint(ckpt_path)
-    model_cls = resolve_class(ckpt["hyper_parameters"]["_class_path"], DiffusionModule)
-    model = model_cls.load_from_checkpoint(ckpt_path, map_location=device)
-    if guidance and not model.num_classes:
-        raise CheckpointError(f"{ckpt_path} holds an unconditional model; --guidance needs a class-conditional "
-                              "one (network.num_classes > 0)")
-    data_cls = resolve_class(ckpt.get("datamodule_hyper_parameters", {}).get("_class_path", ""), TokenDataModule)
-    return model, data_cls.load_from_checkpoint(ckpt_path)
-
-
-def evaluate_main(argv: list[str]) -> None:
-    """``md4 evaluate-samples``: draw images from a checkpoint, write a grid, and report FID and
-    Inception Score against the training set (torch-fidelity; the reference statistics are cached)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-    from jsonargparse.typing import PositiveInt
-
-    from lightning_md4.diffusion.sampling import GRIDS
-
-    p = ArgumentParser(prog="md4 evaluate-samples", description=evaluate_main.__doc__, exit_on_error=False,
-                       allow_abbrev=False)
-    p.add_argument("--config", action=ActionConfigFile, help="YAML with any of these options, e.g. configs/fid.yaml")
-    p.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by md4 fit")
-    p.add_argument("--num_samples", type=PositiveInt, default=50000)
-    p.add_argument("--steps", type=PositiveInt, default=256, help="number of sampling steps")
-    p.add_argument("--grid", type=str, choices=GRIDS, default="cosine", help="time grid of the sampler")
-    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale (class-conditional models)")
-    p.add_argument("--batch_size", type=PositiveInt, default=256, help="images per sampling batch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=str | None, default=None, help="default: cuda if there is a GPU, else cpu")
-    p.add_argument("--reference_size", type=PositiveInt | None, default=None,
-                   help="training images in the FID reference (default all)")
-    p.add_argument("--feature_layer_fid", type=str, default="2048", help="Inception feature of the FID")
-    p.add_argument("--isc_splits", type=int, default=10, help="groups of samples the Inception Score averages over")
-    p.add_argument("--inception_weights", type=str | None, default=None,
-                   help="local torch-fidelity InceptionV3 weights (default: download once into torch hub's cache)")
-    p.add_argument("--cache_root", type=str, default="~/.cache/lightning_md4/fidelity", help="reference statistics cache")
-    p.add_argument("--output", type=str | None, default=None,
-                   help="JSON of the results (default: evaluate-<checkpoint>-<steps>-<grid>-w<guidance>.json beside it)")
-    args = p.parse_args(argv)
-    from lightning_md4.callbacks import save_samples
-    from lightning_md4.fidelity import check_isc_splits, fid_and_inception_score, inception_weights, sample_images
-    from lightning_md4.modules.base import CheckpointError
-
-    check_isc_splits(args.num_samples, args.isc_splits)
-    weights = inception_weights(args.inception_weights)  # fail before sampling, not after
-    device = args.device or default_device()
-    model, datamodule = load_model_and_data(args.ckpt_path, device, args.guidance)
-    if not hasattr(datamodule, "reference_images"):
-        raise CheckpointError(f"{args.ckpt_path} is a model of {type(datamodule).__name__}, not of images; "
-                              "evaluate-samples needs an image data set such as CIFAR10DataModule")
-    ckpt = Path(args.ckpt_path)
-    output = Path(args.output or ckpt.with_name(f"evaluate-{ckpt.stem}-{args.steps}-{args.grid}-w{args.guidance:g}.json"))
-    images, nfe = sample_images(model, datamodule, args.num_samples, args.steps, args.grid, args.guidance,
-                                args.batch_size, args.seed)
-    grid_png = save_samples(images[:64].flatten(1).long(), datamodule, output.with_suffix(".png"),
-                            num_classes=model.num_classes)
-    reference = datamodule.reference_images(args.reference_size)
-    metrics = fid_and_inception_score(images, reference, datamodule.reference_name, weights,
-                                      Path(args.cache_root).expanduser(), args.feature_layer_fid,
-                                      isc_splits=args.isc_splits, cuda=device.startswith("cuda"))
-    result = {"checkpoint": str(ckpt), "num_samples": args.num_samples, "steps": args.steps, "grid": args.grid,
-              "guidance": args.guidance, "network_evaluations_per_batch": nfe, "reference": datamodule.reference_name,
-              "reference_size": len(reference), "feature_layer_fid": args.feature_layer_fid,
-              "inception_weights": str(weights), **metrics}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"FID {metrics['fid']:.4f}, Inception Score {metrics['inception_score']:.4f} "
-          f"+- {metrics['inception_score_std']:.4f} ({args.num_samples} samples, {args.steps} {args.grid} steps, "
-          f"guidance {args.guidance:g}, FID against {len(reference)} training images); wrote {output} and {grid_png}")
-
-
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    if argv in ([], ["-h"], ["--help"]):
-        print(HELP, end="")
-        return
     try:
-        if argv[:1] == ["sample"]:
-            sample_main(argv[1:])
-        elif argv[:1] == ["evaluate-samples"]:
-            evaluate_main(argv[1:])
-        elif argv[:1] in (["zeroshot"], ["genppl"]):
-            from lightning_md4 import evaluation  # imported here: it imports this module
-
-            (evaluation.zeroshot_main if argv[0] == "zeroshot" else evaluation.genppl_main)(argv[1:])
-        else:
+        if argv[:1] and argv[0] in LIGHTNING_COMMANDS:
             check_method_argument(argv)
             check_ckpt_argument(argv)
             lightning_cli(None if from_command_line else argv)
+        else:
+            run_command(argv)
     except Exception as err:
         sys.exit(f"md4: error: {error_line(err, argv)}")
 
@@ -549,10 +375,8 @@ def main(argv: list[str] | None = None) -> None:
 def error_line(err: Exception, argv: list[str]) -> str:
     """The one line that ``md4: error:`` reports for ``err``; the traceback itself when ``err``
     is not about the user's input (a bug, which needs the traceback)."""
-    from jsonargparse import ArgumentError
-
     if isinstance(err, ArgumentError):
-        command = f"md4 {argv[0]}" if argv[:1] in (["fit"], ["validate"], ["test"], ["evaluate-samples"]) else "md4"
+        command = f"md4 {argv[0]}" if argv[:1] and argv[0] in (*LIGHTNING_COMMANDS, *COMMANDS) else "md4"
         return f"{config_error_line(str(err))} ({command} --help lists the options)"
     cause = user_error(err)
     if cause is None:
@@ -579,6 +403,8 @@ def user_error(err: BaseException | None) -> BaseException | None:
 def config_error_line(message: str) -> str:
     """The informative part of a jsonargparse error, which nests the cause under union subtypes."""
     lines = [line.strip(" -") for line in message.splitlines() if line.strip()]
+    if lines:  # jsonargparse names the key ("Parser key "steps":"); name the option the user types
+        lines[0] = re.sub(r'^Parser key "([^"]+)":', r"--\1:", lines[0])
     causes = ("not accepted", "not expected", "does not exist", "No such file", "Expected a", "Unable to",
               "Not of type")
     specific = next((line for line in lines[1:] if any(c in line for c in causes) and "NoneType" not in line), "")

@@ -16,5 +16,5 @@ FIX="$RUN/fixture"
 .venv/bin/md4 test --config "$RUN/tensorboard/config.yaml" --ckpt_path "$RUN/checkpoints/last.ckpt" --eval_draws 8
 .venv/bin/md4 zeroshot --ckpt_path "$RUN/checkpoints/last.ckpt" --data_dir "$RUN/zeroshot_cache" \
     --eval_draws 8 --batch_size 16 --devices 1 --num_workers 0 \
-    --paths "lambada=$FIX/lambada_test.jsonl" "wikitext2=$FIX/wiki2.train.raw" "wikitext103=$FIX/wiki103.test.raw" \
-            "ptb=$FIX/ptb.test.txt" "lm1b=$FIX/lm1b.test.txt"
+    --paths.lambada "$FIX/lambada_test.jsonl" --paths.wikitext2 "$FIX/wiki2.train.raw" \
+    --paths.wikitext103 "$FIX/wiki103.test.raw" --paths.ptb "$FIX/ptb.test.txt" --paths.lm1b "$FIX/lm1b.test.txt"

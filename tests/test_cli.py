@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_md4.cli import LINE_BREAK_MARK, main
+from lightning_md4.cli import main
+from lightning_md4.commands import LINE_BREAK_MARK
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")

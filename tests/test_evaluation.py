@@ -168,8 +168,8 @@ def test_fit_then_zeroshot_test_and_genppl_through_the_cli(tmp_path, bpe, tiny_g
         "--model.init_args.network.d_model=32", "--model.init_args.network.n_heads=2",
         "--model.init_args.network.d_cond=16")
     ckpt = run / "checkpoints" / "last.ckpt"
-    out = md4(capsys, "zeroshot", "--ckpt_path", str(ckpt), "--sets", "wikitext2,ptb", "--paths",
-              f"wikitext2={tmp_path / 'wiki.raw'}", f"ptb={tmp_path / 'ptb.txt'}", "--data_dir", str(tmp_path / "zs"),
+    out = md4(capsys, "zeroshot", "--ckpt_path", str(ckpt), "--sets", "wikitext2,ptb",
+              f"--paths.wikitext2={tmp_path / 'wiki.raw'}", "--paths.ptb", str(tmp_path / "ptb.txt"), "--data_dir", str(tmp_path / "zs"),
               "--eval_draws", "2", "--devices", "1", "--num_workers", "0")
     saved = json.loads((run / "checkpoints" / "zeroshot-last.json").read_text())
     assert [r["data"] for r in saved] == ["wikitext2", "ptb"] and all(r["draws"] == 2 for r in saved)
