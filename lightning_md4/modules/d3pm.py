@@ -68,4 +68,4 @@ class D3PM(DiffusionModule):
         x0 = batch["x0"]
         noise = self.exact_test_noise(batch["index"], x0.shape[1])
         nelbo = self.process.nelbo_exact(self.denoiser(batch), x0, batch_T=8, step_noise=noise)
-        self.metrics["test"].update(nelbo / x0.shape[1])
+        self.log_eval("test", nelbo / x0.shape[1])
