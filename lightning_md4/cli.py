@@ -305,14 +305,14 @@ def resume_record_name(log_dir: Path) -> str:
 def run_hparams(model: Any, datamodule: Any) -> dict[str, Any]:
     """What tells runs apart in TensorBoard's HPARAMS tab: method, schedule, network size, learning rate."""
     hp, net = model.hparams, model.net.cfg
-    if "schedule" in hp:
+    if "T" in hp:  # D3PM
+        schedule = f"{hp.state_space}, T={hp.T}"
+    elif "state_space" in hp:  # SEDD
+        schedule = f"{hp.schedule} noise, {hp.state_space}"
+    elif "schedule" in hp:
         schedule = hp.schedule
-    elif "w_init" in hp:
-        schedule = "learned per token"
-    elif "graph" in hp:
-        schedule = f"{hp.noise} noise, {hp.graph} graph"
     else:
-        schedule = f"{hp.kind}, T={hp.T}"
+        schedule = "learned per token"
     if getattr(net, "kind", None) == "unet":
         network = f"unet {net.channels} channels x {net.res_blocks} blocks"
     else:
@@ -451,10 +451,12 @@ def load_model_and_data(ckpt_path: str, device: str, guidance: float = 0.0) -> t
     """The model (``DiffusionModule``, EMA weights) and the data module of a checkpoint written by ``md4 fit``."""
     from datamodules.base import TokenDataModule
     from lightning_md4.modules.base import CheckpointError, DiffusionModule
+    from lightning_md4.modules.legacy import upgrade_hparams
 
     ckpt = load_checkpoint(ckpt_path)
     model_cls = resolve_class(ckpt["hyper_parameters"]["_class_path"], DiffusionModule)
-    model = model_cls.load_from_checkpoint(ckpt_path, map_location=device)
+    # upgrade_hparams: checkpoints saved under old hyper-parameter names load as what they were.
+    model = model_cls.load_from_checkpoint(ckpt_path, map_location=device, **upgrade_hparams(ckpt["hyper_parameters"]))
     if guidance and not model.num_classes:
         raise CheckpointError(f"{ckpt_path} holds an unconditional model; --guidance needs a class-conditional "
                               "one (network.num_classes > 0)")

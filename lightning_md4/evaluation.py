@@ -30,6 +30,7 @@ from datamodules.tokenizer import load_tokenizer
 from datamodules.zeroshot import SETS, ZeroShotDataModule
 from lightning_md4.cli import OneLineParser, load_checkpoint, positive_int, resolve_class
 from lightning_md4.modules.base import DiffusionModule
+from lightning_md4.modules.legacy import upgrade_hparams
 from lightning_md4.diffusion.sampling import GRIDS
 
 
@@ -143,7 +144,8 @@ def load_model(path: str, device: str) -> tuple[DiffusionModule, dict[str, Any]]
     """The model of an ``md4 fit`` checkpoint (its EMA weights) and the checkpoint itself."""
     ckpt = load_checkpoint(path)
     model_cls = resolve_class(ckpt["hyper_parameters"]["_class_path"], DiffusionModule)
-    return model_cls.load_from_checkpoint(path, map_location=device), ckpt
+    # upgrade_hparams: checkpoints saved under old hyper-parameter names load as what they were.
+    return model_cls.load_from_checkpoint(path, map_location=device, **upgrade_hparams(ckpt["hyper_parameters"])), ckpt
 
 
 def checkpoint_tokenizer(ckpt: dict[str, Any]) -> str:

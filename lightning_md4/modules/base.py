@@ -23,6 +23,7 @@ from lightning_md4.conditioning import ClassConditioned
 from lightning_md4.nets import NetworkConfig, build_network, network_config
 from lightning_md4.diffusion.base import DiffusionProcess, sample
 from lightning_md4.diffusion.sampling import Denoiser, time_grid
+from lightning_md4.modules.legacy import upgrade_hparams
 
 
 class CheckpointError(ValueError):
@@ -295,7 +296,7 @@ class DiffusionModule(pl.LightningModule):
     # -- checkpoints -----------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model with an error that names the difference."""
-        theirs = checkpoint.get("hyper_parameters", {})
+        theirs = upgrade_hparams(checkpoint.get("hyper_parameters", {}))
         # Through the config class, so a checkpoint saved before a field was added compares with its default.
         their_net = asdict(network_config(theirs.get("network")))
         differences = {
@@ -303,6 +304,8 @@ class DiffusionModule(pl.LightningModule):
             "vocab_size": (theirs.get("vocab_size", self.hparams.vocab_size), self.hparams.vocab_size),
             "seq_len": (theirs.get("seq_len", self.hparams.seq_len), self.hparams.seq_len),
             "network": (their_net, asdict(self.net.cfg)),
+            # absorbing or uniform (D3PM, SEDD); resuming a run must not switch it
+            "state_space": (theirs.get("state_space"), self.hparams.get("state_space")),
         }
         for key, (other, mine) in differences.items():
             if other != mine:
