@@ -338,7 +338,7 @@ def test_exact_test_is_keyed_by_example_index():
 def test_nelbo_exact_with_keyed_noise_is_unbiased():
     """Keyed uniforms (one stream per step) are valid forward draws: the mean over examples of
     ``nelbo_exact`` is the exact L_vb."""
-    from lightning_md4.diffusion.noise import keyed_uniform
+    from lightning_md4.diffusion.streams import keyed_uniform
 
     process = make_d3pm(V, T=10, state_space="uniform", dtype=torch.float64)
     oracle, x0 = oracle_for("uniform"), CONFIGS[13]

@@ -17,8 +17,8 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from tqdm.auto import tqdm
 
-from lightning_md4.diffusion.noise import EVAL_DRAW_STREAM  # noqa: F401  (where tests rebuild the evaluation noise)
-from lightning_md4.diffusion.noise import Stream, keyed_times, keyed_uniform, stratified_times, stream_id
+from lightning_md4.diffusion.streams import EVAL_DRAW_STREAM  # noqa: F401  (where tests rebuild the evaluation noise)
+from lightning_md4.diffusion.streams import Stream, keyed_times, keyed_uniform, stratified_times, stream_id
 from lightning_md4.conditioning import ClassConditioned
 from lightning_md4.nets import NetworkConfig, build_network, network_config
 from lightning_md4.diffusion.base import DiffusionProcess, sample

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from lightning_md4.diffusion.base import UniformState
 from lightning_md4.diffusion.d3pm import D3PM_PROCESSES, D3PMProcess, StepNoise, make_d3pm
-from lightning_md4.diffusion.noise import Stream, keyed_uniform, stream_id
+from lightning_md4.diffusion.streams import Stream, keyed_uniform, stream_id
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
 from lightning_md4.nets import NetworkConfig
 
