@@ -299,13 +299,14 @@ class DiffusionModule(pl.LightningModule):
         theirs = upgrade_hparams(checkpoint.get("hyper_parameters", {}))
         # Through the config class, so a checkpoint saved before a field was added compares with its default.
         their_net = asdict(network_config(theirs.get("network")))
+        state_space = self.hparams.get("state_space")
         differences = {
             "model class": (theirs.get("_class_path", type(self).__name__).rsplit(".", 1)[-1], type(self).__name__),
             "vocab_size": (theirs.get("vocab_size", self.hparams.vocab_size), self.hparams.vocab_size),
             "seq_len": (theirs.get("seq_len", self.hparams.seq_len), self.hparams.seq_len),
             "network": (their_net, asdict(self.net.cfg)),
             # absorbing or uniform (D3PM, SEDD); resuming a run must not switch it
-            "state_space": (theirs.get("state_space"), self.hparams.get("state_space")),
+            "state_space": (theirs.get("state_space", state_space), state_space),
         }
         for key, (other, mine) in differences.items():
             if other != mine:
