@@ -80,9 +80,12 @@ class FitCheckpoint:
     def model(self, device: str) -> Any:
         """The ``DiffusionModule`` of the checkpoint, with its EMA weights, on ``device``."""
         from lightning_md4.modules.base import DiffusionModule
+        from lightning_md4.modules.legacy import upgrade_hparams
 
-        model_cls = resolve_class(self.contents["hyper_parameters"]["_class_path"], DiffusionModule)
-        return model_cls.load_from_checkpoint(self.path, map_location=device)
+        hparams = self.contents["hyper_parameters"]
+        model_cls = resolve_class(hparams["_class_path"], DiffusionModule)
+        # Checkpoints saved under old hyper-parameter names load as what they were (see upgrade_hparams).
+        return model_cls.load_from_checkpoint(self.path, map_location=device, **upgrade_hparams(hparams))
 
     def datamodule(self) -> Any:
         """The ``TokenDataModule`` the model was trained on (it decodes samples and holds the references)."""

@@ -305,14 +305,14 @@ def resume_record_name(log_dir: Path) -> str:
 def run_hparams(model: Any, datamodule: Any) -> dict[str, Any]:
     """What tells runs apart in TensorBoard's HPARAMS tab: method, schedule, network size, learning rate."""
     hp, net = model.hparams, model.net.cfg
-    if "schedule" in hp:
+    if "T" in hp:  # D3PM
+        schedule = f"{hp.state_space}, T={hp.T}"
+    elif "state_space" in hp:  # SEDD
+        schedule = f"{hp.schedule} noise, {hp.state_space}"
+    elif "schedule" in hp:
         schedule = hp.schedule
-    elif "w_init" in hp:
-        schedule = "learned per token"
-    elif "graph" in hp:
-        schedule = f"{hp.noise} noise, {hp.graph} graph"
     else:
-        schedule = f"{hp.kind}, T={hp.T}"
+        schedule = "learned per token"
     if getattr(net, "kind", None) == "unet":
         network = f"unet {net.channels} channels x {net.res_blocks} blocks"
     else:

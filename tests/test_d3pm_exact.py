@@ -70,11 +70,11 @@ def with_mask_column(denoiser, fill=-math.inf):
     return f
 
 
-def brute_matrices(kind: str, T: int, schedule: str = "linear"):
+def brute_matrices(state_space: str, T: int, schedule: str = "linear"):
     """(pi [K], Q [T + 1, K, K] with Q[t] the one-step matrix, Qbar [T + 1, K, K] = Q[1] ... Q[t])."""
-    K = V + 1 if kind == "absorb" else V
+    K = V + 1 if state_space == "absorbing" else V
     pi = torch.zeros(K, dtype=torch.float64)
-    if kind == "absorb":
+    if state_space == "absorbing":
         pi[V] = 1.0
     else:
         pi[:] = 1.0 / V
@@ -122,7 +122,7 @@ def exact_lvb(process: D3PMProcess, denoiser, x0: torch.Tensor) -> float:
     ``process.terms`` (its posteriors are checked against brute force separately).
     """
     T, K = process.T, process.num_states
-    _, _, Qbar = brute_matrices("absorb" if isinstance(process, AbsorbingD3PM) else "uniform", T)
+    _, _, Qbar = brute_matrices("absorbing" if isinstance(process, AbsorbingD3PM) else "uniform", T)
     states = torch.tensor(list(itertools.product(range(K), repeat=N)))  # [S, N]
     w = Qbar[1:, x0[None, :], states].prod(-1)  # [T, S]
     t_idx, s_idx = torch.nonzero(w > 0, as_tuple=True)
@@ -140,7 +140,7 @@ def test_absorbing_bound_equals_md4_discrete_nelbo(T):
     """With p~ giving the mask zero probability (V logits, or V + 1 logits with a -inf mask logit),
     every KL term of absorbing D3PM at linear beta_t = 1/(T - t + 1) is MD4's weighted masked
     cross-entropy: the exact L_vb equals MD4's exact discrete NELBO to rounding, for every x0."""
-    process = make_d3pm(V, T=T, kind="absorb")
+    process = make_d3pm(V, T=T, state_space="absorbing")
     md4 = MaskedDiffusion(Linear(), V)
     oracle = ExactDenoiser(CONFIGS, PROBS, process.mask_id)
     for which in range(len(CONFIGS)):
@@ -154,8 +154,8 @@ def test_absorbing_bound_equals_md4_discrete_nelbo(T):
     assert exact_lvb(process, leaky, x0) > md4_discrete_nelbo(md4, oracle, x0, T) + 1e-3
 
 
-def oracle_for(kind: str):
-    return ExactDenoiser(CONFIGS, PROBS, V) if kind == "absorb" else UniformOracle(CONFIGS, PROBS)
+def oracle_for(state_space: str):
+    return ExactDenoiser(CONFIGS, PROBS, V) if state_space == "absorbing" else UniformOracle(CONFIGS, PROBS)
 
 
 def average_lvb(process: D3PMProcess, denoiser) -> float:
@@ -163,21 +163,22 @@ def average_lvb(process: D3PMProcess, denoiser) -> float:
     return sum(PROBS[w].item() * exact_lvb(process, denoiser, CONFIGS[w]) for w in range(len(CONFIGS)))
 
 
-@pytest.mark.parametrize("kind", ["absorb", "uniform"])
-def test_bound_decreases_to_the_entropy(kind):
+@pytest.mark.parametrize("state_space", ["absorbing", "uniform"])
+def test_bound_decreases_to_the_entropy(state_space):
     """With the best x0-predictor the data-averaged bound sits above the entropy H = E[-log p(x0)]
-    and decreases towards it as T grows (absorb: it is MD4's discrete NELBO; uniform: as T -> inf
+    and decreases towards it as T grows (absorbing: it is MD4's discrete NELBO; uniform: as T -> inf
     one token changes per step, where exact per-token reverse marginals make the bound tight).
     Per sequence the bound need not be above -log p(x0) (the model is not the data law)."""
     H = -(PROBS * PROBS.log()).sum().item()
-    values = [average_lvb(make_d3pm(V, T=T, kind=kind, dtype=torch.float64), oracle_for(kind))
+    values = [average_lvb(make_d3pm(V, T=T, state_space=state_space, dtype=torch.float64), oracle_for(state_space))
               for T in (1, 10, 100)]
     assert all(v > H for v in values), (values, H)
     assert all(a > b for a, b in zip(values, values[1:])), values
     assert values[-1] - H < 0.05 * (values[0] - H), (values, H)
     # The same for one likely sequence (MD4's test sequence): above -log p(x0) and decreasing.
     target = -math.log(PROBS[13].item())
-    single = [exact_lvb(make_d3pm(V, T=T, kind=kind, dtype=torch.float64), oracle_for(kind), CONFIGS[13])
+    single = [exact_lvb(make_d3pm(V, T=T, state_space=state_space, dtype=torch.float64), oracle_for(state_space),
+                        CONFIGS[13])
               for T in (1, 10, 100)]
     assert all(v > target for v in single) and all(a > b for a, b in zip(single, single[1:])), (single, target)
 
@@ -186,17 +187,17 @@ def test_uniform_plain_posterior_is_not_the_best_predictor():
     """D3PM's x0-parameterisation: for the uniform kernel the plain posterior q(x0 | x_t) gives a
     strictly worse bound than q(x0 | x_t) / q(x_t | x0). (For the absorbing kernel the two coincide,
     q(x_t = m | x0) being the same for every x0: hence test 1 with the plain posterior.)"""
-    uniform = make_d3pm(V, T=10, kind="uniform", dtype=torch.float64)
+    uniform = make_d3pm(V, T=10, state_space="uniform", dtype=torch.float64)
     plain = average_lvb(uniform, UniformOracle(CONFIGS, PROBS, optimal=False))
     best = average_lvb(uniform, UniformOracle(CONFIGS, PROBS))
     assert plain > best + 0.1, (plain, best)
 
 
 # -- 2. the Monte Carlo estimators average to the exact bound -----------------------------------------
-@pytest.mark.parametrize("kind,T", [("absorb", 20), ("uniform", 10)])
-def test_nelbo_and_nelbo_exact_are_unbiased(kind, T):
-    process = make_d3pm(V, T=T, kind=kind, dtype=torch.float64)
-    oracle = oracle_for(kind)
+@pytest.mark.parametrize("state_space,T", [("absorbing", 20), ("uniform", 10)])
+def test_nelbo_and_nelbo_exact_are_unbiased(state_space, T):
+    process = make_d3pm(V, T=T, state_space=state_space, dtype=torch.float64)
+    oracle = oracle_for(state_space)
     for which in (5, 13):
         x0 = CONFIGS[which]
         exact = exact_lvb(process, oracle, x0)
@@ -241,14 +242,14 @@ def test_loss_is_T_times_the_term_plus_lambda_cross_entropy():
     assert (base >= -1e-9).all()
 
 
-def brute_terms(kind: str, T: int, logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor,
+def brute_terms(state_space: str, T: int, logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor,
                 t_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kl_t, ce_t)`` summed over positions, ``[B]``, from explicit matrices in probability space.
 
     ``p(x_{t-1} = j | x_t = k) propto (p~ Qbar_{t-1})[j] Q_t[j, k]`` and q the same with p~ the
     one-hot of x0; ``ce_t = -log p~(x0 | x_t)``. Differentiable in ``logits [B, N, C]``.
     """
-    _, Q, Qbar = brute_matrices(kind, T)
+    _, Q, Qbar = brute_matrices(state_space, T)
     K = Q.shape[-1]
     p0 = torch.softmax(logits, -1)
     if p0.shape[-1] < K:  # V logits: the mask has probability 0
@@ -269,8 +270,8 @@ def brute_terms(kind: str, T: int, logits: torch.Tensor, x0: torch.Tensor, xt: t
     return kl, ce
 
 
-@pytest.mark.parametrize("kind,C", [("absorb", V), ("absorb", V + 1), ("uniform", V)])
-def test_hybrid_loss_gradient_weighs_cross_entropy_lambda_T(kind, C):
+@pytest.mark.parametrize("state_space,C", [("absorbing", V), ("absorbing", V + 1), ("uniform", V)])
+def test_hybrid_loss_gradient_weighs_cross_entropy_lambda_T(state_space, C):
     """Austin et al.'s training weighting: the gradient of the objective w.r.t. the network logits
     is ``T grad kl_t + T lambda grad ce_t`` (the per-step ``kl_t + lambda ce_t`` times T), with
     both terms written out here from explicit transition matrices in float64."""
@@ -287,10 +288,10 @@ def test_hybrid_loss_gradient_weighs_cross_entropy_lambda_T(kind, C):
         seen.append(xt)
         return leaf
 
-    process = make_d3pm(V, T=T, kind=kind, hybrid_lambda=lam, dtype=torch.float64)
+    process = make_d3pm(V, T=T, state_space=state_space, hybrid_lambda=lam, dtype=torch.float64)
     objective, nelbo = process.loss(net, x0, t=(t_index.double() - 0.5) / T, noise=noise)
     (grad,) = torch.autograd.grad(objective.sum(), leaf)
-    kl, ce = brute_terms(kind, T, leaf, x0, seen[0], t_index)
+    kl, ce = brute_terms(state_space, T, leaf, x0, seen[0], t_index)
     grad_kl, = torch.autograd.grad(kl.sum(), leaf, retain_graph=True)
     grad_ce, = torch.autograd.grad(ce.sum(), leaf)
     torch.testing.assert_close(objective, T * (kl + lam * ce), rtol=1e-12, atol=1e-12)
@@ -307,7 +308,7 @@ def test_exact_test_is_keyed_by_example_index():
 
     Vm, Nm, B = 17, 8, 8
     torch.manual_seed(0)
-    m = D3PM(Vm, Nm, T=6, kind="uniform", exact_test=True, eval_seed=3,
+    m = D3PM(Vm, Nm, T=6, state_space="uniform", exact_test=True, eval_seed=3,
              network=TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16))
     for p in m.net.parameters():  # away from adaLN-Zero's uniform start, so the draws matter
         torch.nn.init.normal_(p, std=0.3)
@@ -337,9 +338,9 @@ def test_exact_test_is_keyed_by_example_index():
 def test_nelbo_exact_with_keyed_noise_is_unbiased():
     """Keyed uniforms (one stream per step) are valid forward draws: the mean over examples of
     ``nelbo_exact`` is the exact L_vb."""
-    from lightning_md4.diffusion.noise import keyed_uniform
+    from lightning_md4.diffusion.streams import keyed_uniform
 
-    process = make_d3pm(V, T=10, kind="uniform", dtype=torch.float64)
+    process = make_d3pm(V, T=10, state_space="uniform", dtype=torch.float64)
     oracle, x0 = oracle_for("uniform"), CONFIGS[13]
     index = torch.arange(2000)
     full = process.nelbo_exact(oracle, x0.expand(len(index), N), batch_T=10,
@@ -351,8 +352,8 @@ def test_nelbo_exact_with_keyed_noise_is_unbiased():
                             generator=torch.Generator())
 
 
-@pytest.mark.parametrize("kind", ["absorb", "uniform"])
-def test_time_conditioning_flag_matches_the_posterior(kind):
+@pytest.mark.parametrize("state_space", ["absorbing", "uniform"])
+def test_time_conditioning_flag_matches_the_posterior(state_space):
     """``D3PM.posterior_depends_on_time`` (the base turns the network's time input on when True) is
     whether q(x0 | x_t), by brute-force Bayes over the 27 sequences, changes with t at a fixed
     x_t: for the absorbing kernel the factor of t is the same for every x0 consistent with x_t."""
@@ -360,7 +361,7 @@ def test_time_conditioning_flag_matches_the_posterior(kind):
     from lightning_md4.nets import TransformerConfig
 
     T = 6
-    _, _, Qbar = brute_matrices(kind, T)
+    _, _, Qbar = brute_matrices(state_space, T)
     K = Qbar.shape[-1]
     states = torch.tensor(list(itertools.product(range(K), repeat=N)))
 
@@ -369,17 +370,18 @@ def test_time_conditioning_flag_matches_the_posterior(kind):
         return joint / joint.sum(-1, keepdim=True)
 
     depends = not torch.allclose(posterior(2), posterior(5), rtol=1e-9, atol=1e-12)
-    model = D3PM(V, N, T=T, kind=kind, network=TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16))
+    model = D3PM(V, N, T=T, state_space=state_space,
+                 network=TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16))
     assert model.posterior_depends_on_time() == depends
 
 
 # -- 3. posteriors against brute-force Bayes rule with explicit matrices ------------------------------
-@pytest.mark.parametrize("kind,schedule", [("absorb", "linear"), ("uniform", "linear"),
-                                           ("absorb", "cosine"), ("uniform", "cosine")])
-def test_posteriors_match_brute_force_matrices(kind, schedule):
+@pytest.mark.parametrize("state_space,schedule", [("absorbing", "linear"), ("uniform", "linear"),
+                                           ("absorbing", "cosine"), ("uniform", "cosine")])
+def test_posteriors_match_brute_force_matrices(state_space, schedule):
     T = 6
-    process = make_d3pm(V, T=T, kind=kind, schedule=schedule, dtype=torch.float64)
-    pi, Q, Qbar = brute_matrices(kind, T, schedule)
+    process = make_d3pm(V, T=T, state_space=state_space, schedule=schedule, dtype=torch.float64)
+    pi, Q, Qbar = brute_matrices(state_space, T, schedule)
     K = process.num_states
     eye = torch.eye(K, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
@@ -399,7 +401,7 @@ def test_posteriors_match_brute_force_matrices(kind, schedule):
             got_q = process.log_q_posterior(i, k, t * ones, s * ones).exp()
             torch.testing.assert_close(got_q, ref_q, rtol=1e-12, atol=1e-14)
             # p(x_s = j | x_t = k) propto sum_i Qbar_s[i, j] Q_{t|s}[j, k] p~(i), any k, V or V + 1 logits
-            widths = (V, V + 1) if kind == "absorb" else (V,)
+            widths = (V, V + 1) if state_space == "absorbing" else (V,)
             for C in widths:
                 kk = torch.arange(K)
                 logits = torch.randn(K, C, dtype=torch.float64, generator=g)
@@ -417,7 +419,7 @@ def test_posteriors_match_brute_force_matrices(kind, schedule):
 
 # -- 4. ancestral sampling ------------------------------------------------------------------------
 def test_sampler_reproduces_the_distribution_absorb():
-    process = make_d3pm(V, T=100, kind="absorb")
+    process = make_d3pm(V, T=100, state_space="absorbing")
     oracle = ExactDenoiser(CONFIGS, PROBS, process.mask_id)
     g = torch.Generator().manual_seed(3)
     samples = process.sample(oracle, (4000, N), process.T, generator=g)
@@ -429,7 +431,7 @@ def test_sampler_reproduces_the_distribution_absorb():
     wrong = torch.stack([torch.multinomial(marginals[n], 4000, replacement=True, generator=g) for n in range(N)], -1)
     assert tv < 0.06 and empirical_tv(wrong, CONFIGS, PROBS) > 0.15, tv
     # Austin's V + 1 logits with a -inf mask logit define the same sampler: identical draws.
-    small = make_d3pm(V, T=50, kind="absorb")
+    small = make_d3pm(V, T=50, state_space="absorbing")
     a = small.sample(oracle, (500, N), small.T, generator=torch.Generator().manual_seed(4))
     b = small.sample(with_mask_column(oracle), (500, N), small.T, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b)
@@ -440,21 +442,21 @@ def test_sampler_reproduces_the_distribution_absorb():
 
 
 def test_sampler_reproduces_the_distribution_uniform():
-    process = make_d3pm(V, T=50, kind="uniform")
+    process = make_d3pm(V, T=50, state_space="uniform")
     samples = process.sample(UniformOracle(CONFIGS, PROBS), (4000, N), process.T, generator=torch.Generator().manual_seed(5))
     assert (samples < V).all()
     assert empirical_tv(samples, CONFIGS, PROBS) < 0.06
 
 
-@pytest.mark.parametrize("kind", ["absorb", "uniform"])
-def test_conditioning_keeps_tokens_and_samples_the_conditional(kind):
-    process = make_d3pm(V, T=50, kind=kind)
-    oracle = oracle_for(kind)
+@pytest.mark.parametrize("state_space", ["absorbing", "uniform"])
+def test_conditioning_keeps_tokens_and_samples_the_conditional(state_space):
+    process = make_d3pm(V, T=50, state_space=state_space)
+    oracle = oracle_for(state_space)
     x = torch.full((4000, N), process.mask_id)
     x[:, 1] = 2
     samples = process.sample(oracle, x.shape, process.T, x=x, generator=torch.Generator().manual_seed(6))
     assert (samples[:, 1] == 2).all() and (samples < V).all()
-    if kind == "absorb":  # exact: the given token is simply an unmasked one
+    if state_space == "absorbing":  # exact: the given token is simply an unmasked one
         cond = torch.where(CONFIGS[:, 1] == 2, PROBS, torch.zeros_like(PROBS))
         assert empirical_tv(samples, CONFIGS, cond / cond.sum()) < 0.06
     # Fewer steps than T (jumps with Q_{t|s}) also keep the given tokens.
@@ -462,19 +464,19 @@ def test_conditioning_keeps_tokens_and_samples_the_conditional(kind):
     assert (few[:, 1] == 2).all() and (few < V).all()
 
 
-@pytest.mark.parametrize("kind", ["absorb", "uniform"])
-def test_sampler_honours_the_time_grid(kind):
+@pytest.mark.parametrize("state_space", ["absorbing", "uniform"])
+def test_sampler_honours_the_time_grid(state_space):
     """A cosine grid's times are rounded to D3PM's steps t / T (repeats dropped): the sampler takes
     those steps, one network call each (a time-conditioned network). With the absorbing kernel
     and the exact posterior every jump is exact, so the samples follow the data on any grid (the
     uniform kernel's factorised jumps are not exact across tokens: checked on all T steps above)."""
     T, steps = 50, 20
-    process = make_d3pm(V, T=T, kind=kind)
+    process = make_d3pm(V, T=T, state_space=state_space)
     grid = process.sampling_times(time_grid(steps, "cosine"))
     expected = torch.unique_consecutive(torch.round(time_grid(steps, "cosine") * T))
     assert torch.equal(grid, expected / T) and len(grid) < steps + 1  # two cosine times share a step
     calls = []
-    oracle = oracle_for(kind)
+    oracle = oracle_for(state_space)
 
     def timed(xt, t):
         calls.append(float(t[0]))
@@ -482,52 +484,52 @@ def test_sampler_honours_the_time_grid(kind):
 
     samples = process.sample(timed, (4000, N), steps, grid="cosine", generator=torch.Generator().manual_seed(8))
     assert calls == (grid[:-1]).tolist()
-    if kind == "absorb":
+    if state_space == "absorbing":
         assert empirical_tv(samples, CONFIGS, PROBS) < 0.06
 
 
 # -- 5. numerics: no NaN at any t in low precision; the reference's log(p + eps) does break ----------
-CASES = [("absorb", 50), ("absorb", 51), ("uniform", 50)]  # (kind, logit columns) with V = 50
+CASES = [("absorbing", 50), ("absorbing", 51), ("uniform", 50)]  # (state_space, logit columns) with V = 50
 
 
-def _losses(kind, logits, t, log_eps=None, T=1000):
+def _losses(state_space, logits, t, log_eps=None, T=1000):
     """``(objective, nelbo)`` at step t for a fixed batch [8, 16] over V = 50 tokens."""
     Vb, Nb, B = 50, 16, 8
     x0 = torch.randint(0, Vb, (B, Nb), generator=torch.Generator().manual_seed(1))
     noise = torch.rand(B, Nb, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
-    process = make_d3pm(Vb, T=T, kind=kind)
+    process = make_d3pm(Vb, T=T, state_space=state_space)
     t_cont = torch.full((B,), (t - 0.5) / T, dtype=torch.float64)
     if log_eps is not None:
         return eps_loss(process, logits, x0, t_cont, noise, log_eps)
     return process.loss(lambda xt, tt: logits, x0, t=t_cont, noise=noise)
 
 
-def _loss(kind, logits, t, log_eps=None, T=1000):
-    return _losses(kind, logits, t, log_eps, T)[0]
+def _loss(state_space, logits, t, log_eps=None, T=1000):
+    return _losses(state_space, logits, t, log_eps, T)[0]
 
 
-def _nelbo(kind, logits, t, log_eps=None, T=1000):
+def _nelbo(state_space, logits, t, log_eps=None, T=1000):
     """The bound's estimate alone: the transition math, without the hybrid cross-entropy (which
     weighs T lambda = 10 and is a plain log-softmax in every formulation)."""
-    return _losses(kind, logits, t, log_eps, T)[1]
+    return _losses(state_space, logits, t, log_eps, T)[1]
 
 
-@pytest.mark.parametrize("kind,C", CASES)
+@pytest.mark.parametrize("state_space,C", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loss_and_gradient_are_finite_and_accurate_in_low_precision(kind, C, dtype):
+def test_loss_and_gradient_are_finite_and_accurate_in_low_precision(state_space, C, dtype):
     T = 1000
     for scale in (1.0, 30.0):  # 30: confident predictions, log p~ of the truth down to about -100
         base = torch.randn(8, 16, C, generator=torch.Generator().manual_seed(C)) * scale
         for t in (1, 2, T - 1, T):
             leaf = base.clone().requires_grad_(True)
             logits = leaf.to(dtype)
-            loss = _loss(kind, logits, t)
+            loss = _loss(state_space, logits, t)
             assert loss.dtype == torch.float32 and torch.isfinite(loss).all(), (t, scale)
             loss.sum().backward()
             assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0, (t, scale)
             # The same (rounded) logits in float64: only float32 rounding in the transition math,
             # an absolute error of order 1e-7 per position and step, times T.
-            ref = _loss(kind, logits.detach().double(), t)
+            ref = _loss(state_space, logits.detach().double(), t)
             err = (loss.detach().double() - ref).abs()
             assert (err <= 1e-5 * ref.abs() + 1e-6 * T * 16).all(), (t, scale, err.max().item())
 
@@ -542,20 +544,20 @@ def test_minus_inf_mask_logit_has_finite_gradients():
     for t in (1, 2, T - 1, T):
         leaf = base.clone().requires_grad_(True)
         full = torch.cat([leaf, torch.full_like(leaf[..., :1], -math.inf)], -1)
-        loss = _loss("absorb", full, t)
+        loss = _loss("absorbing", full, t)
         loss.sum().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(leaf.grad).all(), t
-        torch.testing.assert_close(loss, _loss("absorb", base, t))
+        torch.testing.assert_close(loss, _loss("absorbing", base, t))
 
 
-@pytest.mark.parametrize("kind,C", CASES)
-def test_reference_log_eps_formulation_breaks(kind, C):
+@pytest.mark.parametrize("state_space,C", CASES)
+def test_reference_log_eps_formulation_breaks(state_space, C):
     """The reference code's ``log(probs + 1e-20)``, computed in the network output's dtype, on the
     bound's estimate (``nelbo``).
 
     What actually happens (checked, T = 1000, V = 50, N = 16):
     * float16 output: 1e-20 rounds to 0, ``log 0`` meets ``0 *`` and the bound is NaN at t = 1, for
-      every kind (the log-space path on the same float16 logits is finite);
+      every state space (the log-space path on the same float16 logits is finite);
     * confident predictions (logits x 30), in float32 and even in float64 (the formulation, not the
       precision): at t = 1 the absorbing bound gains ~9000 nats of spurious KL (eps leaks mass
       into impossible x_{t-1} at unmasked positions, where the true term is 0), and the uniform bound
@@ -567,19 +569,19 @@ def test_reference_log_eps_formulation_breaks(kind, C):
     """
     T = 1000
     base = torch.randn(8, 16, C, generator=torch.Generator().manual_seed(C))
-    assert not torch.isfinite(_nelbo(kind, base.half(), 1, log_eps=1e-20)).all()
-    assert torch.isfinite(_nelbo(kind, base.half(), 1)).all()
-    ref = _nelbo(kind, 30 * base.double(), 1)
+    assert not torch.isfinite(_nelbo(state_space, base.half(), 1, log_eps=1e-20)).all()
+    assert torch.isfinite(_nelbo(state_space, base.half(), 1)).all()
+    ref = _nelbo(state_space, 30 * base.double(), 1)
     for dtype in (torch.float32, torch.float64):
-        eps = _nelbo(kind, (30 * base).to(dtype), 1, log_eps=1e-20).double()
+        eps = _nelbo(state_space, (30 * base).to(dtype), 1, log_eps=1e-20).double()
         assert torch.isfinite(eps).all() and (eps - ref).abs().max() > 0.3 * ref.abs().max(), (eps, ref)
     for t in (1, 2, T - 1, T):
-        ref = _nelbo(kind, base.double(), t)
-        ok = _nelbo(kind, base, t, log_eps=1e-20).double()
+        ref = _nelbo(state_space, base.double(), t)
+        ok = _nelbo(state_space, base, t, log_eps=1e-20).double()
         assert ((ok - ref).abs() <= 1e-4 * ref.abs() + 1e-6 * T * 16).all(), t
-    if kind == "uniform":
+    if state_space == "uniform":
         for t in (1, T):
             rounded = base.bfloat16()
-            ref = _nelbo(kind, rounded.double(), t)
-            bad = _nelbo(kind, rounded, t, log_eps=1e-20).double()
+            ref = _nelbo(state_space, rounded.double(), t)
+            bad = _nelbo(state_space, rounded, t, log_eps=1e-20).double()
             assert ((bad - ref).abs() / ref.abs().clamp_min(1.0)).max() > 0.1, t

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from datamodules.zeroshot import ZeroShotDataModule
-from lightning_md4.diffusion.noise import keyed_times, keyed_uniform
+from lightning_md4.diffusion.streams import keyed_times, keyed_uniform
 from lightning_md4.cli import main
 from lightning_md4.evaluation import (ZeroShotRow, causal_lm_nll, format_table, load_causal_lm, perplexity,
                                       unigram_entropy, zeroshot_table)

@@ -43,6 +43,74 @@ def test_warmup_then_cosine():
     assert warmup_cosine(110, 10, 110, 0.1) == 0.1
 
 
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_every_groups_learning_rate_is_warmup_then_cosine_at_every_step(tmp_path, warmup):
+    """The lr of each optimiser step of a run, and after its last (the end of the schedule), is the
+    closed form times the group's own lr: GenMD4's w_lr group decays to min_lr_ratio * w_lr too."""
+    import math
+
+    import lightning.pytorch as pl
+
+    from datamodules import DigitsDataModule
+
+    total, lr, w_lr, min_ratio = 7, 1e-3, 5e-2, 0.1
+
+    def closed_form(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    class RecordLR(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: list[list[float]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    m = GenMD4(17, 64, network=TINY, w_lr=w_lr,
+               optim=OptimConfig(lr=lr, warmup_steps=warmup, min_lr_ratio=min_ratio))
+    record = RecordLR()
+    trainer = pl.Trainer(max_steps=total, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         limit_val_batches=0, default_root_dir=tmp_path, callbacks=[record])
+    trainer.fit(m, DigitsDataModule(batch_size=4))
+    record.seen.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+    assert len(record.seen) == total + 1
+    for step, lrs in enumerate(record.seen):
+        assert lrs == pytest.approx([lr * closed_form(step)] * 2 + [w_lr * closed_form(step)], rel=1e-12, abs=0), step
+    assert record.seen[-1][-1] == pytest.approx(min_ratio * w_lr, rel=1e-12)
+
+
+def test_epoch_metrics_are_logged_as_metric_objects_that_lightning_computes_and_resets(tmp_path):
+    """``val/nelbo`` and ``val/bpt`` are torchmetrics objects logged from the step: Lightning computes
+    and resets them, so a subclass whose epoch-end hook skips super() still reports them, a second
+    validation is not averaged with the first, and bpt is the reduced mean / ln 2 exactly."""
+    import math
+
+    import lightning.pytorch as pl
+
+    from datamodules import DigitsDataModule
+
+    class OwnEpochEnd(MD4):
+        def on_validation_epoch_end(self) -> None:
+            pass
+
+    torch.manual_seed(0)
+    m = OwnEpochEnd(17, 64, network=TINY)
+    dm = DigitsDataModule(batch_size=8, eval_batch_size=8)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, limit_val_batches=2, default_root_dir=tmp_path)
+    trainer.validate(m, dm, verbose=False)
+    nats, bits = trainer.callback_metrics["val/nelbo"], trainer.callback_metrics["val/bpt"]
+    assert torch.equal(bits, nats / math.log(2))
+    dm.setup("validate")
+    batches = [batch for _, batch in zip(range(2), dm.val_dataloader())]
+    m.eval()
+    with torch.no_grad():
+        expected = torch.cat([m.eval_nelbo(batch) / 64 for batch in batches]).mean()
+    assert float(nats) == pytest.approx(float(expected), rel=1e-6)
+    trainer.validate(m, dm, verbose=False)
+    assert torch.equal(trainer.callback_metrics["val/nelbo"], nats)
+
+
 def test_training_noise_is_stratified_over_the_global_batch():
     """Two ranks x two accumulated micro-batches of 2 sequences take disjoint strata of one 8-sequence batch."""
     m = MD4(5, 6, network=TINY)

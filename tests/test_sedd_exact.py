@@ -23,7 +23,7 @@ CONFIGS, PROBS = random_distribution(V, N, seed=0)
 K = len(CONFIGS)
 BASE = V ** torch.arange(N - 1, -1, -1)
 MASKS = torch.tensor(list(itertools.product([False, True], repeat=N)))  # [8, N]
-NOISES = ["loglinear", "geometric"]
+SCHEDULES = ["loglinear", "geometric"]
 
 
 def f64(x) -> torch.Tensor:
@@ -114,15 +114,15 @@ def md4_integrand(process: ScoreEntropyDiffusion, logits, x0, mask, t):
 # --- 1. normalised scores: the SEDD loss is the MD4 integrand -------------------------------
 
 
-@pytest.mark.parametrize("noise", NOISES)
-def test_normalised_scores_give_the_md4_integrand_sample_by_sample(noise):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_normalised_scores_give_the_md4_integrand_sample_by_sample(schedule):
     """With s = r mu (raw = log mu + log V), per masked position
     ``sum_y s_y - r log s_{x0} + r (log r - 1) = r - r log r - r log mu_{x0} + r log r - r
     = -r log mu_{x0}`` because sum_y mu_y = 1 holds for every context; and sigma r =
     -alpha'/(1 - alpha) for alpha = exp(-sigma_bar). So the identity is exact for every (x0, t,
     mask), not only in expectation, and the endpoint terms coincide as well (same alpha_0, alpha_1).
     Without the log V term (raw = log mu) the identity fails: the test sees the convention."""
-    process = make_sedd(V, noise=noise)
+    process = make_sedd(V, schedule=schedule)
     md4 = MaskedDiffusion(SEDDSchedule(process), V)
     oracle = AbsorbOracle()
     g = torch.Generator().manual_seed(0)
@@ -151,14 +151,14 @@ def test_normalised_scores_give_the_md4_integrand_sample_by_sample(noise):
 # --- 2. free scores -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("noise", NOISES)
-def test_free_scores_pay_a_nonnegative_normalisation_penalty(noise):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_free_scores_pay_a_nonnegative_normalisation_penalty(schedule):
     """Per sample, free scores are never below their own normalisation: with l = raw - log V,
     Z = sum_y e^{l_y} and the normalised scores s' = r softmax(raw),
     ``DSE(s) = DSE(s') + sigma r sum_masked (Z - log Z - 1)`` and ``DSE(s') = MD4 weight x CE(raw)``.
     (Per sample, free scores *can* fall below the oracle's value when they put extra mass on the
     true x0; the oracle is the minimiser only in expectation over x0 given xt: next test.)"""
-    process = make_sedd(V, noise=noise)
+    process = make_sedd(V, schedule=schedule)
     g = torch.Generator().manual_seed(1)
     B = 2000
     x0 = CONFIGS[torch.randint(K, (B,), generator=g)]
@@ -197,18 +197,18 @@ def _uniform_joint(process, t):
     return x0, xt, w, (xt * BASE).sum(-1)
 
 
-@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+@pytest.mark.parametrize("state_space", ["absorbing", "uniform"])
 @pytest.mark.parametrize("t", [0.05, 0.4, 0.9])
-def test_oracle_minimises_the_expected_entropy(graph, t):
+def test_oracle_minimises_the_expected_entropy(state_space, t):
     """Enumerate every (x0, xt) with its probability and let the scores be a free table over xt.
     The expected DSE is stationary at the oracle (gradient 0: the targets c_y of the DSE average
     to the true score given xt) and every perturbation of the oracle scores raises it."""
-    process = make_sedd(V, noise="geometric", graph=graph)
-    x0, xt, w, code = (_absorb_joint if graph == "absorb" else _uniform_joint)(process, t)
+    process = make_sedd(V, schedule="geometric", state_space=state_space)
+    x0, xt, w, code = (_absorb_joint if state_space == "absorbing" else _uniform_joint)(process, t)
     tt = f64(t).expand(len(x0))
     sb, ds = process.sigma_bar(tt), process.dsigma(tt)
-    oracle = AbsorbOracle() if graph == "absorb" else UniformOracle()
-    n_codes = (V + 1) ** N if graph == "absorb" else K
+    oracle = AbsorbOracle() if state_space == "absorbing" else UniformOracle()
+    n_codes = (V + 1) ** N if state_space == "absorbing" else K
     table = torch.zeros(n_codes, N, V, dtype=torch.float64)
     table[code] = oracle(xt, sb)
     table.requires_grad_(True)
@@ -225,11 +225,11 @@ def test_oracle_minimises_the_expected_entropy(graph, t):
         assert expected(table.detach() + delta).item() > best.item()
 
 
-@pytest.mark.parametrize("graph", ["absorb", "uniform"])
-def test_entropy_is_nonnegative_and_zero_at_the_conditional_ratios(graph):
+@pytest.mark.parametrize("state_space", ["absorbing", "uniform"])
+def test_entropy_is_nonnegative_and_zero_at_the_conditional_ratios(state_space):
     """DSE >= 0 for any scores, and = 0 exactly when s_y = p_t(y | x0) / p_t(xt | x0) for every
     y != xt[n]: this pins the constant terms (r (log r - 1) for absorb; the uniform constants)."""
-    process = make_sedd(V, noise="loglinear", graph=graph)
+    process = make_sedd(V, schedule="loglinear", state_space=state_space)
     g = torch.Generator().manual_seed(3)
     B = 3000
     x0 = CONFIGS[torch.randint(K, (B,), generator=g)]
@@ -241,7 +241,7 @@ def test_entropy_is_nonnegative_and_zero_at_the_conditional_ratios(graph):
     # conditional ratios: K(y | x0) / K(xt | x0), per position
     a, b = process.alpha(t)[:, None, None], process.one_minus_alpha(t)[:, None, None]
     ys = torch.arange(V)
-    if graph == "absorb":
+    if state_space == "absorbing":
         # masked position: ratio of real token y to the mask is [y = x0] a / b
         log_target = torch.where(ys == x0[..., None], torch.log(a / b), f64(-1e4))
     else:
@@ -271,15 +271,15 @@ def absorb_reference(x0: torch.Tensor, p_lo: float, p_hi: float) -> float:
     return float((f64(weights / 2) * (p_hi - p_lo) * f_over_p).sum())
 
 
-@pytest.mark.parametrize("noise,t_min,q", [("loglinear", 0.0, 16), ("loglinear", 1e-3, 16), ("geometric", 0.0, 96)])
-def test_absorb_nelbo_integrates_to_the_exact_bound(noise, t_min, q):
+@pytest.mark.parametrize("schedule,t_min,q", [("loglinear", 0.0, 16), ("loglinear", 1e-3, 16), ("geometric", 0.0, 96)])
+def test_absorb_nelbo_integrates_to_the_exact_bound(schedule, t_min, q):
     """Gauss-Legendre over u (t = t_min + (1 - t_min) u) of `.nelbo` with the oracle, averaged
     over all 2^N masks given as noise, equals ``integral_{p(t_min)}^{p(1)} f(p)/p dp + endpoint
     terms`` for every x0 to quadrature precision, with p(t) = 1 - exp(-sigma_bar(t)). Over all
     of p in [0, 1] that integral is -log p(x0) (MD4 section 5), so the NELBO is -log p(x0) minus the
     missing ends plus the endpoint terms (< 0.01 nats here): at most -log p(x0) + endpoint terms,
     at least 99.7% of -log p(x0), and above the entropy on average over x0."""
-    process = make_sedd(V, noise=noise, t_min=t_min)
+    process = make_sedd(V, schedule=schedule, t_min=t_min)
     oracle = AbsorbOracle()
     u, wq = legendre(q)
     t = process.time_from_uniform(u)
@@ -303,16 +303,16 @@ def test_absorb_nelbo_integrates_to_the_exact_bound(noise, t_min, q):
     assert (f64(values) * PROBS).sum().item() > entropy(PROBS)
 
 
-@pytest.mark.parametrize("noise,t_min,q,power", [("loglinear", 0.0, 64, 3), ("loglinear", 1e-3, 64, 3),
+@pytest.mark.parametrize("schedule,t_min,q,power", [("loglinear", 0.0, 64, 3), ("loglinear", 1e-3, 64, 3),
                                                   ("geometric", 0.0, 64, 1)])
-def test_uniform_nelbo_integrates_to_the_exact_expected_bound(noise, t_min, q, power):
+def test_uniform_nelbo_integrates_to_the_exact_expected_bound(schedule, t_min, q, power):
     """Uniform graph: Gauss-Legendre over t of `.nelbo` with the exact scores, averaged over every
     (x0, xt) (xt given as noise), equals ``H(p_{t_min}) + KL(p_1 || uniform)`` in expectation
     over x0 ~ p: with exact reverse rates the path KL is I(X0; X_{t_min}) + KL(p_1 || pi), and the
     reconstruction term adds N H(K_{t_min}) - (the rest of) I. That checks the DSE constants and
     the endpoint terms. The substitution t = t_min + (1 - t_min) u^3 smooths the t log t behaviour
     near t = 0."""
-    process = make_sedd(V, noise=noise, graph="uniform", t_min=t_min)
+    process = make_sedd(V, schedule=schedule, state_space="uniform", t_min=t_min)
     oracle = UniformOracle()
     u, wq = legendre(q, power)
     t = process.time_from_uniform(u)
@@ -330,13 +330,13 @@ def test_uniform_nelbo_integrates_to_the_exact_expected_bound(noise, t_min, q, p
     assert value == pytest.approx(target, rel=1e-9)
 
 
-@pytest.mark.parametrize("graph", ["absorb", "uniform"])
-def test_nelbo_monte_carlo_is_unbiased(graph):
+@pytest.mark.parametrize("state_space", ["absorbing", "uniform"])
+def test_nelbo_monte_carlo_is_unbiased(state_space):
     """Random stratified times and random noise (the training path) average to the exact value."""
-    process = make_sedd(V, noise="geometric", graph=graph)
+    process = make_sedd(V, schedule="geometric", state_space=state_space)
     g = torch.Generator().manual_seed(4)
     x0 = CONFIGS[torch.multinomial(PROBS, 20000, replacement=True, generator=g)]
-    if graph == "absorb":
+    if state_space == "absorbing":
         est = process.nelbo(AbsorbOracle(), x0, generator=g)
         p_lo, p_hi = float(process.one_minus_alpha(f64(0.0))), float(process.one_minus_alpha(f64(1.0)))
         exact = sum(PROBS[i].item() * absorb_reference(CONFIGS[i], p_lo, p_hi) for i in range(K))
@@ -353,14 +353,14 @@ def test_nelbo_monte_carlo_is_unbiased(graph):
 # --- 4. samplers -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("noise", NOISES)
-def test_absorb_reverse_step_is_md4s_exact_step(noise):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_absorb_reverse_step_is_md4s_exact_step(schedule):
     """One reverse step of a masked position with the true scores: ``analytic`` moves to y with
     probability ``(alpha_s - alpha_t) / (1 - alpha_t) mu_y`` for any step size (MD4's ancestral
     step, computed here by MaskedDiffusion); ``euler`` with ``(t - s) w(t) mu_y`` (w = MD4's loss
     weight), which agrees to O((t - s)^2), exactly for loglinear noise (alpha linear in t); the
     denoising step draws from mu."""
-    process = make_sedd(V, noise=noise)
+    process = make_sedd(V, schedule=schedule)
     md4 = MaskedDiffusion(SEDDSchedule(process), V)
     oracle = AbsorbOracle()
     xt = torch.where(MASKS, V, CONFIGS[7])[1:]  # every pattern with a masked position
@@ -389,13 +389,13 @@ def test_absorb_reverse_step_is_md4s_exact_step(noise):
     torch.testing.assert_close(denoise, torch.cat([mu, torch.zeros(len(mu), 1, dtype=torch.float64)], -1))
 
 
-@pytest.mark.parametrize("noise", NOISES)
-def test_uniform_reverse_step_is_exact_for_one_token(noise):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_uniform_reverse_step_is_exact_for_one_token(schedule):
     """For a single token (N = 1) the staggered score with the true scores is exactly
     p_s(y) / p_t(x), so the ``analytic`` step is the exact reverse kernel
     ``p_s(y) K_Delta(x | y) / p_t(x)`` for any step, and the denoising step the exact posterior
     ``p_0(y) K_{sigma_bar_t}(x | y) / p_t(x)``; ``euler`` agrees to O((t - s)^2)."""
-    process = make_sedd(V, noise=noise, graph="uniform")
+    process = make_sedd(V, schedule=schedule, state_space="uniform")
     _, p0 = random_distribution(V, 1, seed=1)
 
     def law(sb):  # p at total noise sb, [V]
@@ -439,15 +439,15 @@ def independent_marginals(g) -> torch.Tensor:
     return torch.stack([torch.multinomial(marg[n], 4000, replacement=True, generator=g) for n in range(N)], -1)
 
 
-@pytest.mark.parametrize("graph,noise,method", [
-    ("absorb", "loglinear", "analytic"), ("absorb", "geometric", "analytic"), ("absorb", "geometric", "euler"),
+@pytest.mark.parametrize("state_space,schedule,method", [
+    ("absorbing", "loglinear", "analytic"), ("absorbing", "geometric", "analytic"), ("absorbing", "geometric", "euler"),
     ("uniform", "geometric", "analytic"), ("uniform", "geometric", "euler"),
 ])
-def test_sampler_reproduces_the_distribution(graph, noise, method):
-    """(For absorb with loglinear noise Euler's (t - s) sigma r = (t - s)/t equals the analytic
+def test_sampler_reproduces_the_distribution(state_space, schedule, method):
+    """(For absorbing with loglinear noise Euler's (t - s) sigma r = (t - s)/t equals the analytic
     step's probability, so the two coincide; the geometric noise tells them apart.)"""
-    process = make_sedd(V, noise=noise, graph=graph, method=method)
-    oracle = AbsorbOracle() if graph == "absorb" else UniformOracle()
+    process = make_sedd(V, schedule=schedule, state_space=state_space, method=method)
+    oracle = AbsorbOracle() if state_space == "absorbing" else UniformOracle()
     g = torch.Generator().manual_seed(5)
     samples, nfe = process.sample(oracle, (4000, N), steps=100, generator=g, return_nfe=True)
     assert samples.dtype == torch.long and (samples >= 0).all() and (samples < V).all()
@@ -458,7 +458,7 @@ def test_sampler_reproduces_the_distribution(graph, noise, method):
 
 @pytest.mark.parametrize("method", ["analytic", "euler"])
 def test_conditioning_keeps_tokens_and_samples_the_conditional(method):
-    process = make_sedd(V, noise="geometric", method=method)
+    process = make_sedd(V, schedule="geometric", method=method)
     x = torch.full((4000, N), process.mask_id)
     x[:, 1] = 2
     samples = process.sample(AbsorbOracle(), x.shape, steps=100, x=x,
@@ -467,14 +467,14 @@ def test_conditioning_keeps_tokens_and_samples_the_conditional(method):
     cond = torch.where(CONFIGS[:, 1] == 2, PROBS, torch.zeros_like(PROBS))
     assert empirical_tv(samples, CONFIGS, cond / cond.sum()) < 0.06
     # uniform graph: given tokens stay (the clamped sampler is not exact for the conditional law)
-    uni = make_sedd(V, noise="geometric", graph="uniform", method=method)
+    uni = make_sedd(V, schedule="geometric", state_space="uniform", method=method)
     out = uni.sample(UniformOracle(), (200, N), steps=20, x=x[:200],
                      generator=torch.Generator().manual_seed(7))
     assert (out[:, 1] == 2).all() and (out < V).all() and (out[:, 0] != out[0, 0]).any()
 
 
 def test_output_cache_and_network_evaluation_count():
-    process = make_sedd(V, noise="loglinear")
+    process = make_sedd(V, schedule="loglinear")
     oracle = AbsorbOracle()
     g = torch.Generator().manual_seed(8)
     _, nfe = process.sample(oracle, (1, N), steps=1000, generator=g, return_nfe=True)
@@ -482,7 +482,7 @@ def test_output_cache_and_network_evaluation_count():
     _, nfe_plain = process.sample(oracle, (1, N), steps=1000, generator=g, cache=False, return_nfe=True)
     assert nfe_plain > 10 * nfe
     uni = UniformOracle()
-    _, nfe_uni = make_sedd(V, graph="uniform", noise="geometric").sample(
+    _, nfe_uni = make_sedd(V, state_space="uniform", schedule="geometric").sample(
         uni, (2, N), steps=37, generator=g, return_nfe=True)
     assert nfe_uni == 37 == uni.calls
     # one step is the denoising step alone: nothing is left masked
@@ -490,21 +490,21 @@ def test_output_cache_and_network_evaluation_count():
 
 
 
-def sigma_bar_by_hand(noise: str, t: float) -> float:
+def sigma_bar_by_hand(schedule: str, t: float) -> float:
     """SEDD's total noise at the process defaults (eps = 1e-3; sigma_min = 1e-4, sigma_max = 20)."""
-    if noise == "loglinear":
+    if schedule == "loglinear":
         return -math.log1p(-(1.0 - 1e-3) * t)
     return 1e-4 ** (1.0 - t) * 20.0**t
 
 
-@pytest.mark.parametrize("noise", NOISES)
-def test_absorb_sampler_reveals_tokens_on_the_schedule(noise):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_absorb_sampler_reveals_tokens_on_the_schedule(schedule):
     """With normalised scores (raw = 0: s = r / V for every y) the analytic step reveals a masked
     token with probability (alpha_s - alpha_t) / (1 - alpha_t); started all-masked at t = 1, a
     token is still masked at grid time t with probability (1 - alpha_t) / (1 - alpha_1),
     alpha = exp(-sigma_bar), independently of the others. The sampler's state before each network
     call must sit within 5 binomial sigmas of it, and the call must receive sigma_bar(t)."""
-    process = make_sedd(V, noise=noise)
+    process = make_sedd(V, schedule=schedule)
     seen: list[tuple[float, float]] = []
 
     def flat(xt, sigma_bar):
@@ -514,11 +514,11 @@ def test_absorb_sampler_reveals_tokens_on_the_schedule(noise):
     B, L, steps = 400, 500, 10
     out = process.sample(flat, (B, L), steps=steps, generator=torch.Generator().manual_seed(13))
     assert (out < V).all() and len(seen) == steps  # the last call is the denoising step
-    one_minus_alpha_1 = -math.expm1(-sigma_bar_by_hand(noise, 1.0))
+    one_minus_alpha_1 = -math.expm1(-sigma_bar_by_hand(schedule, 1.0))
     for k, (sigma_bar, frac) in enumerate(seen):
         t = 1.0 - k / steps
-        assert sigma_bar == pytest.approx(sigma_bar_by_hand(noise, t), rel=1e-12)
-        p = -math.expm1(-sigma_bar_by_hand(noise, t)) / one_minus_alpha_1
+        assert sigma_bar == pytest.approx(sigma_bar_by_hand(schedule, t), rel=1e-12)
+        p = -math.expm1(-sigma_bar_by_hand(schedule, t)) / one_minus_alpha_1
         sigma = math.sqrt(p * (1.0 - p) / (B * L))
         assert abs(frac - p) <= 5 * sigma + 1e-12, (t, frac, p, sigma)
 
@@ -526,11 +526,11 @@ def test_absorb_sampler_reveals_tokens_on_the_schedule(noise):
 # --- 5. numerics -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("graph", ["absorb", "uniform"])
-@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("state_space", ["absorbing", "uniform"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loss_and_gradient_are_finite_at_the_ends(graph, noise, dtype):
-    process = make_sedd(V, noise=noise, graph=graph)
+def test_loss_and_gradient_are_finite_at_the_ends(state_space, schedule, dtype):
+    process = make_sedd(V, schedule=schedule, state_space=state_space)
     g = torch.Generator().manual_seed(9)
     times = f64([0.0, 1e-3, 0.5, 1 - 1e-6, 1.0]).repeat_interleave(4)
     B = len(times)
@@ -544,7 +544,7 @@ def test_loss_and_gradient_are_finite_at_the_ends(graph, noise, dtype):
     assert torch.isfinite(raw.grad.float()).all()
     # the public path, with every position masked / changed even where that has probability 0
     sb, ds = process.sigma_bar(times), process.dsigma(times)
-    xt = torch.full_like(x0, V) if graph == "absorb" else (x0 + 1) % V
+    xt = torch.full_like(x0, V) if state_space == "absorbing" else (x0 + 1) % V
     raw.grad = None
     dse = process.score_entropy(raw, x0, xt, sb, ds)
     assert dse.dtype == torch.float32 and torch.isfinite(dse).all() and (dse >= 0).all()
@@ -553,7 +553,7 @@ def test_loss_and_gradient_are_finite_at_the_ends(graph, noise, dtype):
 
 
 def test_float32_loss_matches_float64():
-    process = make_sedd(V, noise="loglinear")
+    process = make_sedd(V, schedule="loglinear")
     g = torch.Generator().manual_seed(10)
     x0 = CONFIGS[torch.randint(K, (500,), generator=g)]
     t = torch.rand(500, dtype=torch.float64, generator=g) ** 4  # many small t, large r
@@ -565,7 +565,7 @@ def test_float32_loss_matches_float64():
 
 
 def test_bad_arguments_are_refused():
-    for kwargs in ({"noise": "cosine"}, {"graph": "absorbing"}, {"eps": 0.0}, {"noise": "geometric", "sigma_min": 30.0},
-                   {"t_min": 1.0}, {"method": "tweedie"}):
+    for kwargs in ({"schedule": "cosine"}, {"state_space": "absorb"}, {"eps": 0.0},
+                   {"schedule": "geometric", "sigma_min": 30.0}, {"t_min": 1.0}, {"method": "tweedie"}):
         with pytest.raises(ValueError):
             make_sedd(V, **kwargs)

@@ -22,8 +22,8 @@ TINY_NET = ["--model.init_args.network.n_layers=1", "--model.init_args.network.d
 
 @pytest.mark.parametrize("make, sees_t", [
     (lambda net: GenMD4(5, 8, network=net), True),
-    (lambda net: SEDD(5, 8, graph="uniform", network=net), True),
-    (lambda net: SEDD(5, 8, graph="absorb", network=net), False),
+    (lambda net: SEDD(5, 8, state_space="uniform", network=net), True),
+    (lambda net: SEDD(5, 8, state_space="absorbing", network=net), False),
     (lambda net: MD4(5, 8, network=net), False),
 ])
 def test_time_conditioning_follows_the_posterior(make, sees_t, caplog):

@@ -96,10 +96,11 @@ def test_genmd4_network_gets_t():
 
 
 # -- SEDD --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("graph", ["absorb", "uniform"])
-@pytest.mark.parametrize("noise, sigma_bar", [("loglinear", sigma_bar_loglinear), ("geometric", sigma_bar_geometric)])
-def test_sedd_network_gets_sigma_bar(noise, sigma_bar, graph):
-    process = make_sedd(V, noise=noise, graph=graph)
+@pytest.mark.parametrize("state_space", ["absorbing", "uniform"])
+@pytest.mark.parametrize("schedule, sigma_bar", [("loglinear", sigma_bar_loglinear),
+                                                 ("geometric", sigma_bar_geometric)])
+def test_sedd_network_gets_sigma_bar(schedule, sigma_bar, state_space):
+    process = make_sedd(V, schedule=schedule, state_space=state_space)
     net = TimeRecorder(V)
     process.nelbo(net, x0_batch(), t=times())
     assert_calls(net, [[sigma_bar(t) for t in TIMES]])
@@ -111,10 +112,10 @@ def test_sedd_network_gets_sigma_bar(noise, sigma_bar, graph):
 
 
 # -- D3PM --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["absorb", "uniform"])
-def test_d3pm_network_gets_step_over_T(kind):
+@pytest.mark.parametrize("state_space", ["absorbing", "uniform"])
+def test_d3pm_network_gets_step_over_T(state_space):
     T = 10
-    process = make_d3pm(V, T=T, kind=kind)
+    process = make_d3pm(V, T=T, state_space=state_space)
     net = TimeRecorder(V)
     process.loss(net, x0_batch(), t=times())
     process.nelbo(net, x0_batch(), t=times())

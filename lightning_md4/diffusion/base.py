@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from lightning_md4.diffusion.noise import uniform_times
+from lightning_md4.diffusion.streams import uniform_times
 from lightning_md4.diffusion.sampling import CachedDenoiser, Denoiser, is_time_conditioned, time_grid
 
 Generator = torch.Generator | None

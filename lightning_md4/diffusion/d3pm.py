@@ -187,8 +187,8 @@ class D3PMProcess(DiffusionProcess):
     def x0_log_probs(self, logits: Tensor) -> Tensor:
         """log p~(x0 | x_t) over the K states, in at least ``self.dtype``, ``[..., K]``.
 
-        ``logits [..., V]``: for ``absorb`` the mask gets log-probability -inf (MD4: never predict the
-        mask). ``logits [..., V + 1]`` (``absorb`` only): Austin's softmax over the full vocabulary.
+        ``logits [..., V]``: for ``absorbing`` the mask gets log-probability -inf (MD4: never predict the
+        mask). ``logits [..., V + 1]`` (``absorbing`` only): Austin's softmax over the full vocabulary.
         """
         dtype = torch.promote_types(logits.dtype, self.dtype)
         logp = torch.log_softmax(logits.to(dtype), dim=-1)
@@ -386,16 +386,17 @@ class UniformD3PM(UniformState, D3PMProcess):
         return q_own * math.log(q_own * V) + (V - 1) * (1.0 - a) / V * math.log1p(-a)
 
 
-# The state space is chosen once, by name (the module's ``kind``), here.
-D3PM_PROCESSES: dict[str, type[D3PMProcess]] = {"absorb": AbsorbingD3PM, "uniform": UniformD3PM}
+# The state space is chosen once, by name (the module's ``state_space``), here.
+D3PM_PROCESSES: dict[str, type[D3PMProcess]] = {"absorbing": AbsorbingD3PM, "uniform": UniformD3PM}
 D3PM_SCHEDULES: dict[str, type[Schedule]] = {"linear": Linear, "cosine": ShiftedCosine}
 
 
-def make_d3pm(vocab_size: int, T: int = 1000, kind: str = "absorb", hybrid_lambda: float = 0.01,
+def make_d3pm(vocab_size: int, T: int = 1000, state_space: str = "absorbing", hybrid_lambda: float = 0.01,
               schedule: str = "linear", dtype: torch.dtype = torch.float32) -> D3PMProcess:
-    """The D3PM process by names: ``kind`` ``absorb`` or ``uniform``; ``schedule`` ``linear`` or ``cosine``."""
-    if kind not in D3PM_PROCESSES:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {sorted(D3PM_PROCESSES)}")
+    """The D3PM process by names: ``state_space`` ``absorbing`` or ``uniform``; ``schedule`` ``linear`` or
+    ``cosine``."""
+    if state_space not in D3PM_PROCESSES:
+        raise ValueError(f"unknown state_space {state_space!r}; choose one of {sorted(D3PM_PROCESSES)}")
     if schedule not in D3PM_SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(D3PM_SCHEDULES)}")
-    return D3PM_PROCESSES[kind](vocab_size, T, hybrid_lambda, D3PM_SCHEDULES[schedule](), dtype)
+    return D3PM_PROCESSES[state_space](vocab_size, T, hybrid_lambda, D3PM_SCHEDULES[schedule](), dtype)

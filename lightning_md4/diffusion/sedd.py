@@ -10,7 +10,7 @@ The forward process is a continuous-time Markov chain with rate ``sigma(t) Q`` a
   resampled uniformly (possibly to itself) with probability ``1 - exp(-sigma_bar)``:
   ``K_t(b | a) = exp(-sigma_bar) [a = b] + (1 - exp(-sigma_bar)) / V``.
 
-The noise is a :class:`~lightning_md4.diffusion.schedules.Schedule` with ``alpha_t = exp(-sigma_bar(t))``:
+The noise schedule is a :class:`~lightning_md4.diffusion.schedules.Schedule` with ``alpha_t = exp(-sigma_bar(t))``:
 ``loglinear`` ``sigma_bar = -log(1 - (1 - eps) t)`` (MD4's linear schedule ending at alpha_1 = eps)
 or ``geometric`` ``sigma_bar = sigma_min^(1 - t) sigma_max^t``.
 
@@ -21,7 +21,7 @@ loglinear, ``[sigma_min, sigma_max]`` for geometric), not t; the transformer's s
 embedding takes any float. The raw output becomes log-scores over the V real tokens by
 the parameterisation of each state space:
 
-* absorbing ("scale by sigma", as the SEDD code does for absorb):
+* absorbing ("scale by sigma", as the SEDD code does for its absorbing graph):
   ``log s_y = raw_y - log(exp(sigma_bar) - 1) - log V``. The true score of a masked position is
   ``s_y = r mu_y`` with ``r = 1 / (exp(sigma_bar) - 1)`` and ``mu = p(x0[n] = . | unmasked tokens)``,
   so the optimal raw output is ``log mu + log V``, time-independent: the log V term makes a zero
@@ -170,11 +170,11 @@ class ScoreEntropyDiffusion(DiffusionProcess):
         """Transition probabilities of one reverse step t -> s for M positions, float64 ``[M, S]``.
 
         ``raw`` [M, V]: the network output at those positions (called at sigma_bar(t)); ``x`` [M]:
-        their current tokens (all masked for absorb); ``s = None``: the denoising step, which
+        their current tokens (all masked for absorbing); ``s = None``: the denoising step, which
         removes all remaining noise (to sigma_bar = 0). Columns: the V real tokens, plus "stay
-        masked" last for absorb (S = V + 1); S = V for uniform.
+        masked" last for absorbing (S = V + 1); S = V for uniform.
 
-        absorb (l = raw - log V, so s_y = r e^{l_y} with r = 1 / (exp(sigma_bar_t) - 1)):
+        absorbing (l = raw - log V, so s_y = r e^{l_y} with r = 1 / (exp(sigma_bar_t) - 1)):
 
         * ``euler``: to y with probability ``(t - s) sigma(t) s_y``; stays masked otherwise;
         * ``analytic`` (Tweedie tau-leaping, SEDD's staggered score): to y with probability
@@ -322,19 +322,19 @@ class UniformSEDD(UniformState, ScoreEntropyDiffusion):
         return self._clip(stag * kern)
 
 
-# The state space is chosen once, by name (the module's ``graph``), here.
-SEDD_PROCESSES: dict[str, type[ScoreEntropyDiffusion]] = {"absorb": AbsorbingSEDD, "uniform": UniformSEDD}
-NOISE_SCHEDULES = ("loglinear", "geometric")
+# The state space is chosen once, by name (the module's ``state_space``), here.
+SEDD_PROCESSES: dict[str, type[ScoreEntropyDiffusion]] = {"absorbing": AbsorbingSEDD, "uniform": UniformSEDD}
+SEDD_SCHEDULES = ("loglinear", "geometric")
 
 
-def make_sedd(vocab_size: int, noise: str = "loglinear", graph: str = "absorb", eps: float = 1e-3,
+def make_sedd(vocab_size: int, schedule: str = "loglinear", state_space: str = "absorbing", eps: float = 1e-3,
               sigma_min: float = 1e-4, sigma_max: float = 20.0, t_min: float = 0.0,
               method: str = "analytic") -> ScoreEntropyDiffusion:
-    """The SEDD process by names: ``noise`` ``loglinear`` (eps) or ``geometric`` (sigma_min,
-    sigma_max); ``graph`` ``absorb`` or ``uniform``."""
+    """The SEDD process by names: ``schedule`` ``loglinear`` (eps) or ``geometric`` (sigma_min,
+    sigma_max); ``state_space`` ``absorbing`` or ``uniform``."""
     schedules = {"loglinear": lambda: LogLinear(eps), "geometric": lambda: Geometric(sigma_min, sigma_max)}
-    if noise not in schedules:
-        raise ValueError(f"unknown noise {noise!r}; choose one of {NOISE_SCHEDULES}")
-    if graph not in SEDD_PROCESSES:
-        raise ValueError(f"unknown graph {graph!r}; choose one of {sorted(SEDD_PROCESSES)}")
-    return SEDD_PROCESSES[graph](vocab_size, schedules[noise](), t_min, method)
+    if schedule not in schedules:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SEDD_SCHEDULES}")
+    if state_space not in SEDD_PROCESSES:
+        raise ValueError(f"unknown state_space {state_space!r}; choose one of {sorted(SEDD_PROCESSES)}")
+    return SEDD_PROCESSES[state_space](vocab_size, schedules[schedule](), t_min, method)

@@ -17,12 +17,13 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from tqdm.auto import tqdm
 
-from lightning_md4.diffusion.noise import EVAL_DRAW_STREAM  # noqa: F401  (where tests rebuild the evaluation noise)
-from lightning_md4.diffusion.noise import Stream, keyed_times, keyed_uniform, stratified_times, stream_id
+from lightning_md4.diffusion.streams import EVAL_DRAW_STREAM  # noqa: F401  (where tests rebuild the evaluation noise)
+from lightning_md4.diffusion.streams import Stream, keyed_times, keyed_uniform, stratified_times, stream_id
 from lightning_md4.conditioning import ClassConditioned
 from lightning_md4.nets import NetworkConfig, build_network, network_config
 from lightning_md4.diffusion.base import DiffusionProcess, sample
 from lightning_md4.diffusion.sampling import Denoiser, time_grid
+from lightning_md4.modules.legacy import upgrade_hparams
 
 
 class CheckpointError(ValueError):
@@ -86,7 +87,11 @@ class DiffusionModule(pl.LightningModule):
         self.optim_cfg = OptimConfig(**optim) if isinstance(optim, dict) else optim or OptimConfig()
         self.hparams.network, self.hparams.optim = asdict(net_cfg), asdict(self.optim_cfg)
         self.net = build_network(net_cfg, vocab_size, seq_len)
+        # NELBO per token in nats, averaged over the epoch's sequences; Lightning computes (reducing
+        # over ranks), logs and resets the metric objects logged in ``log_eval``.
         self.metrics = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        # Bits per token: the same mean divided by ln 2 after the reduction (exactly nats / ln 2).
+        self.bits_metrics = torch.nn.ModuleDict({stage: metric / math.log(2) for stage, metric in self.metrics.items()})
 
     @property
     def process(self) -> DiffusionProcess:
@@ -226,25 +231,19 @@ class DiffusionModule(pl.LightningModule):
         if not torch.isfinite(nelbo).all():
             raise FloatingPointError(f"{stage} NELBO is not finite (NaN or inf) at step {self.global_step}; "
                                      "lower the learning rate or check the data for out-of-range tokens")
-        self.metrics[stage].update(nelbo / batch["x0"].shape[1])
+        self.log_eval(stage, nelbo / batch["x0"].shape[1])
+
+    def log_eval(self, stage: str, nats_per_token: Tensor) -> None:
+        """Add the batch's NELBO per token ``[B]`` to the epoch's ``{stage}/nelbo`` and ``{stage}/bpt``."""
+        self.metrics[stage].update(nats_per_token)
+        self.log(f"{stage}/nelbo", self.metrics[stage], on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/bpt", self.bits_metrics[stage], on_step=False, on_epoch=True, prog_bar=True)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step("test", batch)
-
-    def _log_epoch(self, stage: str) -> None:
-        nats = self.metrics[stage].compute()  # reduced over all ranks by torchmetrics
-        self.metrics[stage].reset()
-        self.log(f"{stage}/nelbo", nats, prog_bar=True, sync_dist=False)
-        self.log(f"{stage}/bpt", nats / math.log(2), prog_bar=True, sync_dist=False)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
 
     # -- sampling --------------------------------------------------------------------------
     @torch.no_grad()
@@ -288,6 +287,8 @@ class DiffusionModule(pl.LightningModule):
         opt = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, betas=tuple(cfg.betas),
                                 fused=self.device.type == "cuda")
         total = int(self.trainer.estimated_stepping_batches)
+        # Not LinearLR + CosineAnnealingLR: the latter's eta_min is one number for all groups, and each group
+        # (GenMD4's w_lr one too) decays to min_lr_ratio times its own lr.
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: warmup_cosine(step, cfg.warmup_steps, total, cfg.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -295,14 +296,17 @@ class DiffusionModule(pl.LightningModule):
     # -- checkpoints -----------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model with an error that names the difference."""
-        theirs = checkpoint.get("hyper_parameters", {})
+        theirs = upgrade_hparams(checkpoint.get("hyper_parameters", {}))
         # Through the config class, so a checkpoint saved before a field was added compares with its default.
         their_net = asdict(network_config(theirs.get("network")))
+        state_space = self.hparams.get("state_space")
         differences = {
             "model class": (theirs.get("_class_path", type(self).__name__).rsplit(".", 1)[-1], type(self).__name__),
             "vocab_size": (theirs.get("vocab_size", self.hparams.vocab_size), self.hparams.vocab_size),
             "seq_len": (theirs.get("seq_len", self.hparams.seq_len), self.hparams.seq_len),
             "network": (their_net, asdict(self.net.cfg)),
+            # absorbing or uniform (D3PM, SEDD); resuming a run must not switch it
+            "state_space": (theirs.get("state_space", state_space), state_space),
         }
         for key, (other, mine) in differences.items():
             if other != mine:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from lightning_md4.diffusion.base import UniformState
 from lightning_md4.diffusion.d3pm import D3PM_PROCESSES, D3PMProcess, StepNoise, make_d3pm
-from lightning_md4.diffusion.noise import Stream, keyed_uniform, stream_id
+from lightning_md4.diffusion.streams import Stream, keyed_uniform, stream_id
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
 from lightning_md4.nets import NetworkConfig
 
@@ -25,7 +25,7 @@ class D3PM(DiffusionModule):
 
     Args:
         T: number of diffusion steps (paper: 1000 for text8).
-        kind: ``absorb`` or ``uniform``.
+        state_space: ``absorbing`` or ``uniform``.
         hybrid_lambda: weight of the x0 cross-entropy (0.01 text, 0.001 images).
         exact_test: ``md4 test`` sums all T terms of the bound (D3PM's evaluation; T network passes
             per batch) instead of the one-draw estimate that validation uses. Its forward draws
@@ -34,12 +34,13 @@ class D3PM(DiffusionModule):
         (the rest: see ``DiffusionModule``)
     """
 
-    def __init__(self, vocab_size: int, seq_len: int, T: int = 1000, kind: Literal["absorb", "uniform"] = "absorb",
+    def __init__(self, vocab_size: int, seq_len: int, T: int = 1000,
+                 state_space: Literal["absorbing", "uniform"] = "absorbing",
                  hybrid_lambda: float = 0.01, exact_test: bool = False,
                  network: NetworkConfig | None = None, optim: OptimConfig | None = None,
                  antithetic: bool = True, seed: int = 0, eval_seed: int = 0) -> None:
         super().__init__(vocab_size, seq_len, network, optim, antithetic, seed, eval_seed)
-        self._process = make_d3pm(vocab_size, T=T, kind=kind, hybrid_lambda=hybrid_lambda)
+        self._process = make_d3pm(vocab_size, T=T, state_space=state_space, hybrid_lambda=hybrid_lambda)
 
     @property
     def process(self) -> D3PMProcess:
@@ -52,7 +53,7 @@ class D3PM(DiffusionModule):
 
     def posterior_depends_on_time(self) -> bool:
         """Uniform kernel: q(x0 | x_t) depends on t (no token is known clean); absorbing: it does not."""
-        return issubclass(D3PM_PROCESSES[self.hparams.kind], UniformState)
+        return issubclass(D3PM_PROCESSES[self.hparams.state_space], UniformState)
 
     def exact_test_noise(self, index: Tensor, seq_len: int) -> StepNoise:
         """The forward-draw uniforms ``[B, N]`` of each step t, keyed by ``(eval_seed, index, t)``.
@@ -68,4 +69,4 @@ class D3PM(DiffusionModule):
         x0 = batch["x0"]
         noise = self.exact_test_noise(batch["index"], x0.shape[1])
         nelbo = self.process.nelbo_exact(self.denoiser(batch), x0, batch_T=8, step_noise=noise)
-        self.metrics["test"].update(nelbo / x0.shape[1])
+        self.log_eval("test", nelbo / x0.shape[1])

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from lightning_md4.diffusion.noise import (Stream, _hash32, keyed_times, keyed_uniform, stratified_times, stream_id,
+from lightning_md4.diffusion.streams import (Stream, _hash32, keyed_times, keyed_uniform, stratified_times, stream_id,
                                            stream_key)
 
 TRAINING = (Stream.TRAIN_TIME_OFFSET, Stream.TRAIN_TIME, Stream.TRAIN_MASK)
