@@ -153,7 +153,7 @@ class FiniteCheckpoints(Callback):
             what = ["the training loss or weights of another rank"]
         raise FloatingPointError(
             f"refused to save a checkpoint at step {trainer.global_step}: {' and '.join(what)} is not finite "
-            "(NaN or inf); the last good checkpoint is kept: lower optim.lr or raise trainer.gradient_clip_val, "
+            "(NaN or inf); the last good checkpoint is kept: lower optim.lr or set (or lower) trainer.gradient_clip_val, "
             "then resume from it with --ckpt_path last")
 
 

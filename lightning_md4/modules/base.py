@@ -218,7 +218,7 @@ class DiffusionModule(pl.LightningModule):
         if self.global_step % self.trainer.log_every_n_steps == 0 and int(self.nonfinite_step) >= 0:
             raise FloatingPointError(
                 f"training loss is not finite (NaN or inf), first at step {int(self.nonfinite_step)}; md4 fit saves no "
-                "checkpoint after it, so --ckpt_path last resumes from the last good one: lower optim.lr or raise "
+                "checkpoint after it, so --ckpt_path last resumes from the last good one: lower optim.lr or set (or lower) "
                 "trainer.gradient_clip_val first")
         seq_len = batch["x0"].shape[1]
         nats_per_token = nelbo.mean() / seq_len
