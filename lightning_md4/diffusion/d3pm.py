@@ -1,6 +1,6 @@
 """D3PM: discrete-time diffusion with an absorbing or a uniform kernel (Austin et al. 2021).
 
-The baseline of MD4 (Shi et al. 2024, reference.md section 4), written from the math in our own
+The baseline of MD4 (Shi et al. 2024, section 4), written from the math in our own
 notation. Real tokens are ``0..V-1``.
 
 Kernels, one step ``t = 1..T`` (``pi`` is the stationary law, ``K`` the number of states)::
