@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from conftest import md4, md4_command
 from lightning_md4.checkpointing import PREEMPTED_EXIT_CODE, DurableCheckpointIO, floating_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def md4_fit(run: Path, corpus: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lightning_md4.cli", "fit", "--config", TINY_TEXT, f"--data.init_args.path={corpus}",
+    """The arguments of a tiny ``md4 fit``."""
+    return ["fit", "--config", TINY_TEXT, f"--data.init_args.path={corpus}",
             "--data.init_args.seq_len=32", "--data.init_args.batch_size=8", f"--trainer.default_root_dir={run}",
             "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1", *TINY_NET, *extra]
 
@@ -56,11 +58,7 @@ def md4_fit(run: Path, corpus: Path, *extra: str) -> list[str]:
 def run_fit(run: Path, corpus: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
     # PYTHONPATH: the runs below may name PoisonWeights of this file as a callback.
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    proc = subprocess.run(md4_fit(run, corpus, *extra), cwd=run.parent, capture_output=True, text=True, timeout=300,
-                          env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"md4 fit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return md4(*md4_fit(run, corpus, *extra), cwd=run.parent, check=check, env=env)
 
 
 def step_of(path: Path) -> int:
@@ -79,6 +77,7 @@ def tear(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+@pytest.mark.slow
 def test_torn_checkpoints_resume_from_the_newest_that_loads(tmp_path, corpus):
     run = tmp_path / "run"
     run_fit(run, corpus, "--trainer.max_steps=6", "--trainer.val_check_interval=2")
@@ -105,6 +104,7 @@ def test_torn_checkpoints_resume_from_the_newest_that_loads(tmp_path, corpus):
     assert {int(s["step"]) for s in resumed["optimizer_states"][0]["state"].values()} == {8}
 
 
+@pytest.mark.slow
 def test_nan_between_logging_steps_never_reaches_a_checkpoint(tmp_path, corpus):
     """A step checkpoint every 4 steps (keeping one, as the step configs did), logging every 5 steps,
     the loss NaN from step 6: the save at step 8 must be refused, leaving step 4's checkpoints."""
@@ -200,6 +200,7 @@ def marked_steps(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_resume_continues_from_it(tmp_path, corpus):
     marker = tmp_path / "step.txt"
     callbacks = tmp_path / "callbacks.yaml"
@@ -213,7 +214,7 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_resume_continues_fro
     # No validation, so no checkpoint, before the SIGTERM.
     args = ["--config", str(callbacks), "--trainer.val_check_interval=100000"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    proc = subprocess.Popen(md4_fit(run, corpus, "--trainer.max_steps=100000", *args), cwd=tmp_path,
+    proc = subprocess.Popen(md4_command(*md4_fit(run, corpus, "--trainer.max_steps=100000", *args)), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 240
     try:

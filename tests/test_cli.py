@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import md4, md4_command
 from lightning_md4.cli import main
 from lightning_md4.commands import LINE_BREAK_MARK
 
@@ -20,13 +21,7 @@ DIGITS = str(ROOT / "configs" / "digits.yaml")
 TINY_NET = ["--model.init_args.network.n_layers=1", "--model.init_args.network.d_model=32",
             "--model.init_args.network.n_heads=2", "--model.init_args.network.d_cond=16"]
 
-
-def md4(*args: str, cwd: Path, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "lightning_md4.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"md4 {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+pytestmark = pytest.mark.slow  # subprocesses and training runs, seconds to a minute each
 
 
 def fit_digits(run: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
@@ -214,9 +209,9 @@ def test_fresh_fit_never_overwrites_an_earlier_runs_checkpoints(trained):
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lightning_md4.cli", "fit", "--config", DIGITS, f"--trainer.default_root_dir={run}",
+    cmd = md4_command("fit", "--config", DIGITS, f"--trainer.default_root_dir={run}",
            "--trainer.max_steps=100000", "--trainer.val_check_interval=5", "--trainer.limit_val_batches=1",
-           "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=16", *TINY_NET]
+           "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=16", *TINY_NET)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240

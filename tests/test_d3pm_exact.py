@@ -299,6 +299,7 @@ def test_hybrid_loss_gradient_weighs_cross_entropy_lambda_T(state_space, C):
     torch.testing.assert_close(grad, T * grad_kl + T * lam * grad_ce, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_exact_test_is_keyed_by_example_index():
     """``md4 test --exact_test``: each sequence's T-step bound is a function of its index in the data
     set, not of its batch: the same numbers at batch sizes 1, 2 and 4 and in another order (the

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
+
+from conftest import md4
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # md4 subprocesses, one of them a 2-process DDP run
 
 
 def validate(tmp_path: Path, corpus: Path, devices: int, global_batch_size: int, accumulate: int) -> float:
     """``md4 validate`` on the first 13 of the corpus's 15 validation chunks; the per-device batch
     (training and evaluation) is ``global_batch_size / (devices * accumulate)``."""
-    args = [sys.executable, "-m", "lightning_md4.cli", "validate", "--config", str(ROOT / "configs" / "tiny_text.yaml"),
+    args = ["validate", "--config", str(ROOT / "configs" / "tiny_text.yaml"),
             f"--data.init_args.path={corpus}", "--data.init_args.seq_len=16", "--data.init_args.val_fraction=0.2",
             "--data.init_args.val_examples=13", "--data.init_args.batch_size=null",
             f"--data.init_args.global_batch_size={global_batch_size}", f"--trainer.accumulate_grad_batches={accumulate}",
@@ -23,8 +27,7 @@ def validate(tmp_path: Path, corpus: Path, devices: int, global_batch_size: int,
             "--model.init_args.network.n_heads=2"]
     if devices > 1:
         args.append("--trainer.strategy=ddp")
-    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = md4(*args, cwd=tmp_path)
     match = re.search(r"val: NELBO ([0-9.]+) nats/token", proc.stdout)
     assert match, proc.stdout[-2000:]
     return float(match.group(1))

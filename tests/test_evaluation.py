@@ -154,6 +154,7 @@ def md4(capsys, *args: str) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_fit_then_zeroshot_test_and_genppl_through_the_cli(tmp_path, bpe, tiny_gpt2, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "owt.jsonl", documents(120))

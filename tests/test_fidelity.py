@@ -2,8 +2,6 @@
 (nothing is downloaded), and the image path of the CLI end to end."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from conftest import md4
 from image_fixtures import synthetic_images, write_cifar10, write_random_inception_weights
 from lightning_md4 import fidelity
 from lightning_md4.fidelity import FidelityError, UInt8Images, fid_and_inception_score, inception_weights
@@ -42,6 +41,7 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * root))
 
 
+@pytest.mark.slow
 def test_fid_is_zero_for_identical_sets_and_the_frechet_distance_otherwise(weights, tmp_path):
     real, other = images(8, 0), images(8, 1)
     shifted = (real.int() + 60).clamp(0, 255).to(torch.uint8)
@@ -57,6 +57,7 @@ def test_fid_is_zero_for_identical_sets_and_the_frechet_distance_otherwise(weigh
     assert far > near > 0
 
 
+@pytest.mark.slow
 def test_reference_statistics_are_cached_per_reference_size_and_weights(weights, tmp_path):
     real, samples = images(8, 0), images(8, 1)
     kwargs = dict(weights=weights, cache_root=tmp_path, feature_layer_fid="64", isc=False, cuda=False, verbose=False)
@@ -71,6 +72,7 @@ def test_reference_statistics_are_cached_per_reference_size_and_weights(weights,
     assert fid_and_inception_score(samples, Unreadable(real), "cifar10-abc", **kwargs)["fid"] == first
 
 
+@pytest.mark.slow
 def test_inception_score_is_exp_of_the_mean_kl_to_the_marginal(weights, tmp_path):
     x = images(2, 3)
     out = fid_and_inception_score(x, UInt8Images(images(2, 0)), "ref", weights, tmp_path, feature_layer_fid="64",
@@ -104,13 +106,6 @@ def test_isc_splits_need_enough_samples():
         fidelity.check_isc_splits(12, 10)
 
 
-def md4(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "lightning_md4.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, f"md4 {args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
 TINY_CONFIG = """
 seed_everything: 0
 trainer:
@@ -141,6 +136,7 @@ data:
 """
 
 
+@pytest.mark.slow
 def test_cifar_format_run_trains_reports_bpd_samples_and_computes_fid(weights, tmp_path):
     data, run = write_cifar10(tmp_path / "cifar", per_batch=4, num_test=4), tmp_path / "run"
     config = tmp_path / "tiny.yaml"

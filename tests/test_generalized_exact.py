@@ -194,6 +194,7 @@ def surrogate_gradients(process, x0, t, estimator, draws):
     return torch.stack(grads)
 
 
+@pytest.mark.slow
 def test_reinforce_gradient_is_unbiased_and_leave_one_out_reduces_variance():
     process = make_process([0.5, 1.0, 2.0], eps=1e-3, t_min=1e-3)
     x0 = torch.randint(0, V, (LONG,), generator=torch.Generator().manual_seed(2))
@@ -224,6 +225,7 @@ def test_log_q_is_finite_at_the_time_limits():
             assert torch.isfinite(g).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grid", ["uniform", "cosine"])
 def test_sampler_reproduces_the_distribution(grid):
     process = make_process([0.3, 1.0, 3.0])
@@ -233,6 +235,7 @@ def test_sampler_reproduces_the_distribution(grid):
     assert empirical_tv(samples, CONFIGS, PROBS) < 0.06
 
 
+@pytest.mark.slow
 def test_sampler_conditioning_keeps_given_tokens():
     process = make_process([0.3, 1.0, 3.0])
     oracle = StateDependentOracle(process)
@@ -244,6 +247,7 @@ def test_sampler_conditioning_keeps_given_tokens():
     assert empirical_tv(samples, CONFIGS, cond / cond.sum()) < 0.06
 
 
+@pytest.mark.slow
 def test_training_moves_the_exponents_apart_on_skewed_data():
     """Tokens of very different frequencies (60% ... 2%) get different learned schedules.
 

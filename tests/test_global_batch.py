@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 
+from conftest import md4
 from datamodules import DigitsDataModule
 from datamodules.base import DEFAULT_BATCH_SIZE, DataError, per_device_batch
 
@@ -60,13 +59,14 @@ def test_both_set_must_agree():
         dm.setup("fit")
 
 
+@pytest.mark.slow
 def test_cli_reports_an_indivisible_global_batch_in_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_md4.cli", "validate", "--config", str(ROOT / "configs" / "digits.yaml"),
-         "--data.init_args.batch_size=null", "--data.init_args.global_batch_size=64",
-         "--trainer.accumulate_grad_batches=3", "--trainer.accelerator=cpu", "--trainer.logger=false",
-         f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--random_weights=true"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = md4(
+        "validate", "--config", str(ROOT / "configs" / "digits.yaml"),
+        "--data.init_args.batch_size=null", "--data.init_args.global_batch_size=64",
+        "--trainer.accumulate_grad_batches=3", "--trainer.accelerator=cpu", "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--random_weights=true",
+        cwd=tmp_path, check=False, timeout=120)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("md4: error: data.init_args.global_batch_size 64 does not divide"), proc.stderr[-2000:]

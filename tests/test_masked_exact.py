@@ -126,6 +126,7 @@ def test_conditioning_keeps_tokens_and_samples_the_conditional():
     assert empirical_tv(samples, CONFIGS, cond / cond.sum()) < 0.06
 
 
+@pytest.mark.slow
 def test_output_cache_skips_evaluations_without_changing_the_law():
     process = MaskedDiffusion(Linear(), V)
     denoiser = ExactDenoiser(CONFIGS, PROBS, process.mask_id)

@@ -63,6 +63,7 @@ def test_gradients_reach_every_parameter(cfg: TransformerConfig):
     assert not dead, dead
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_tiny_data():
     torch.manual_seed(0)
     net = Transformer(4, TINY)
@@ -147,6 +148,7 @@ def test_md4_with_a_labelled_transformer_logits_at_masked_is_the_same_bound():
     assert not torch.allclose(model.eval_nelbo(batch), model.eval_nelbo({**batch, "y": torch.tensor([1, 2, 0, 0])}))
 
 
+@pytest.mark.slow
 def test_conditional_model_learns_each_class_and_the_mixture():
     """Two classes, one sequence each. At the optimum the masked-diffusion bound is tight: the
     conditional NELBO is -log p(x | y) = 0 and the unconditional -log p(x) = log 2 nats. The

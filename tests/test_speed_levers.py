@@ -100,6 +100,7 @@ def test_unknown_logits_at_is_refused():
         MaskedDiffusion(Linear(), 5, logits_at="some")
 
 
+@pytest.mark.slow
 def test_compiled_network_gives_the_plain_loss_and_gradients():
     torch.manual_seed(0)
     vocab, B, N = 11, 4, 16

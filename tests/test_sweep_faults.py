@@ -69,6 +69,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 # -- real processes ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkilled_worker_leaves_no_trial_process_and_its_rerun_resumes(tmp_path):
     """kill -9 of the worker mid-trial: the trial's processes end (parent-death SIGTERM: they save
     last.ckpt and exit), and the rerun resumes in the same folder from the step reached."""
@@ -97,6 +98,7 @@ def test_sigkilled_worker_leaves_no_trial_process_and_its_rerun_resumes(tmp_path
     assert not (trial_dir / "resume").exists()  # resume checkpoints go once the trial is COMPLETE
 
 
+@pytest.mark.slow
 def test_paused_worker_result_is_told_once_to_the_rerun(tmp_path):
     """SIGSTOP the worker past the grace period: another worker fails its trial as stale and queues
     a rerun. After SIGCONT the paused worker's finished run is told to that rerun: one COMPLETE
@@ -126,6 +128,7 @@ def test_paused_worker_result_is_told_once_to_the_rerun(tmp_path):
     assert (trial_dir / "stderr.log").read_text().count("Trainer.fit` stopped") == 1  # trained once
 
 
+@pytest.mark.slow
 def test_a_failed_heartbeat_write_does_not_kill_the_trial(tmp_path, monkeypatch):
     """One beat raising (a locked SQLite file) is retried; the trial completes."""
     calls = {"n": 0}
@@ -164,6 +167,7 @@ for _ in range(200):
 
 @pytest.mark.parametrize("limit,advance,line", [("no_progress_s", "False", NO_PROGRESS),
                                                 ("wall_clock_s", "True", WALL_CLOCK)])
+@pytest.mark.slow
 def test_limits_stop_every_process_of_the_trial(tmp_path, limit, advance, line):
     """A hung run (no new step) and a run past its wall-clock limit are stopped: SIGTERM, then
     SIGKILL after the grace time, the processes in other sessions too; the line says which limit."""
@@ -269,6 +273,7 @@ def test_a_worker_with_an_edited_study_file_is_refused(tmp_path, monkeypatch):
     assert len(open_(edited).get_trials()) == 3  # nothing ran under the edited file
 
 
+@pytest.mark.slow
 def test_a_misspelt_objective_fails_the_trial_at_its_first_validation(tmp_path):
     """A real run of 400 steps validated every 2, the second of two objectives misspelt (a
     multi-objective study, which reports nothing for pruning): the run stops at its first
@@ -342,6 +347,7 @@ def test_secrets_in_errors_are_redacted(tmp_path, monkeypatch, capsys):
     assert "hunter2" not in printed.out + printed.err and printed.err.count("sweeper:***@db.example") == 2
 
 
+@pytest.mark.slow
 def test_run_retry_failed_requeues_the_failed_trials(tmp_path, monkeypatch):
     """md4-sweep run --retry-failed: the trial that failed (a training error, final) runs again in
     its folder, and the study completes."""

@@ -24,6 +24,8 @@ from sweeps.spec import AskTellGridSampler
 from sweeps.storage import BEAT_ATTR, fail_stale_trials, open_storage, record_heartbeat
 from test_sweeps import ENV, write_study
 
+pytestmark = pytest.mark.slow  # a PostgreSQL server started for the file; workers in subprocesses
+
 # grace_period != 2 * interval (Optuna's default grace): a storage that dropped the study's grace
 # period would fail trials at the wrong time.
 INTERVAL, GRACE, MAX_RETRY = 1, 6, 1

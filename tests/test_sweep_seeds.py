@@ -197,6 +197,7 @@ def session_state(run_dir: Path) -> str | None:
     return json.loads(record.read_text()).get("state") if record.is_file() else None
 
 
+@pytest.mark.slow
 def test_grid_worker_runs_each_configuration_and_seed_once_with_that_seed(tmp_path, monkeypatch):
     """schedule x seed [3, 5]: one run per point in the trial's own folder, seeded by the point's
     seed (initialisation and data order, training noise) after the configuration's arguments, every
@@ -329,6 +330,7 @@ def test_every_run_is_a_tensorboard_session_with_its_final_state(tmp_path, monke
 
 
 # -- a real study --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_real_grid_study_with_two_seeds(tmp_path):
     """2 schedules x seeds [0, 1], tiny digits runs validated on 16 fixed examples with 2 draws: every
     configuration has 2 finished seeds in the report, its seeds differ (the seed reached the run), and

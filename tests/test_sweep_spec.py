@@ -121,6 +121,7 @@ def test_new_sections_parse_into_typed_fields(tmp_path):
 
 
 # -- md4-sweep check -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_check_names_the_first_grid_point_that_does_not_build(tmp_path):
     # Point 0 builds; point 1 misspells an option, which only md4 fit's parser can tell.
     space = {"schedule": {"type": "categorical", "choices": ["linear", "cosine"],
@@ -134,6 +135,7 @@ def test_check_names_the_first_grid_point_that_does_not_build(tmp_path):
     assert "'schedul' is not accepted" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_check_passes_on_a_shipped_study():
     study = ROOT / "sweeps" / "studies" / "dropout.yaml"
     assert check(load_spec(study), str(study)) == f"{study}: 3 grid points build (md4 fit --print_config)"

@@ -22,6 +22,8 @@ from torch.utils.tensorboard.summary import hparams as torch_hparams
 from sweeps import tensorboard as stb
 from sweeps.spec import load_spec
 
+pytestmark = pytest.mark.slow  # each test's study view sleeps 4 s (event files are named by the second)
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [str(ROOT / "configs" / "digits.yaml")]
 SPACE = {"schedule": {"type": "categorical", "choices": ["linear", "cosine"], "arg": "model.init_args.schedule"},

@@ -151,6 +151,7 @@ def write_study_text() -> str:
 
 
 # -- studies of real runs --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_grid_study_of_ddp_trials_by_two_workers_sharing_a_journal(tmp_path):
     """2 x 2 grid, every trial a 2-process gloo DDP run under torchrun, two workers sharing one
     journal file: exactly 4 trials, each point run once by one worker, their values in the storage,
@@ -190,6 +191,7 @@ def test_grid_study_of_ddp_trials_by_two_workers_sharing_a_journal(tmp_path):
     assert table.count("| COMPLETE |") == 4 and "| trial | state | schedule | antithetic | seed | val/nelbo |" in table
 
 
+@pytest.mark.slow
 def test_pruned_trial_stops_every_rank(tmp_path):
     """A threshold no value passes prunes at the first validation (step 2 of 4); both DDP ranks
     (Lightning's own launcher this time) stop there and the trial is PRUNED in the storage."""
@@ -212,6 +214,7 @@ def _wait_for(condition, timeout: float) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_without_lost_or_duplicate_trials(tmp_path):
     """Kill a worker's process group mid-trial (the trial, a session of its own, gets its
     parent-death SIGTERM and saves last.ckpt). A worker with an edited study file is refused in one
@@ -258,6 +261,7 @@ def test_killed_worker_restarts_without_lost_or_duplicate_trials(tmp_path):
     assert len(folders) == 2 and folders == sorted(Path(t.user_attrs["trial_dir"]).name for t in trials[1:])
 
 
+@pytest.mark.slow
 def test_two_torchrun_nodes_on_localhost(tmp_path):
     """The multi-node path: two torchrun "nodes" of 1 process each on localhost, global batch 16."""
     port = 29500 + os.getpid() % 1000
@@ -273,6 +277,7 @@ def test_two_torchrun_nodes_on_localhost(tmp_path):
     assert ckpt["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_slurm_script_resumes_a_requeued_run_from_its_newest_checkpoint(tmp_path):
     """train.sbatch with a stand-in srun that prints its command: fresh run, then after a requeue."""
     (tmp_path / "bin").mkdir()
@@ -318,6 +323,7 @@ def _stub_runs(monkeypatch, outcome) -> None:
     monkeypatch.setattr(worker, "launch", launch)
 
 
+@pytest.mark.slow
 def test_multi_objective_nsga2_study_and_report(tmp_path, monkeypatch):
     """Two objectives (e.g. NELBO against sampling cost) with NSGA-II: values told in order, Pareto plot."""
     _stub_runs(monkeypatch, lambda p, d: (0, {"val/nelbo": p["x"] ** 2, "val/nfe": (p["x"] - 2) ** 2, "other": 1.0}))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import md4
 from lightning_md4.modules import GenMD4, MD4, SEDD
 from lightning_md4.nets import TransformerConfig, UNetConfig
 
@@ -49,16 +48,15 @@ def test_a_time_conditioned_network_is_left_as_it_is():
     assert module.net.time_conditioned and module.hparams.network == asdict(replace(BLIND, time_conditioning=True))
 
 
+@pytest.mark.slow
 def test_the_model_switch_on_a_blind_config_trains_a_network_that_sees_t(tmp_path):
     """configs/digits.yaml sets time_conditioning: false for MD4; --model GenMD4 must not inherit it."""
     run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_md4.cli", "fit", "--config", str(ROOT / "configs" / "digits.yaml"),
-         "--model=GenMD4", f"--trainer.default_root_dir={run}", "--trainer.max_steps=1",
-         "--trainer.val_check_interval=5", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-         "--data.init_args.batch_size=16", *TINY_NET],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = md4(
+        "fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+        "--model=GenMD4", f"--trainer.default_root_dir={run}", "--trainer.max_steps=1",
+        "--trainer.val_check_interval=5", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+        "--data.init_args.batch_size=16", *TINY_NET, cwd=tmp_path)
     assert "GenMD4: its posterior depends on t, so network.time_conditioning is turned on" in proc.stderr
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["network"]["time_conditioning"] is True
