@@ -106,7 +106,9 @@ def test_no_import_cycles_even_through_imports_inside_functions():
     assert [name for name in graph if reaches(name, name, set())] == []
 
 
-@pytest.mark.parametrize("module, absent", [("lightning_md4.evaluation", "lightning_md4.cli"),
+# Importing evaluation imports torch and Lightning: seconds, so that case is slow.
+@pytest.mark.parametrize("module, absent", [pytest.param("lightning_md4.evaluation", "lightning_md4.cli",
+                                                         marks=pytest.mark.slow),
                                             ("lightning_md4.cli", "lightning_md4.evaluation"),
                                             ("lightning_md4.cli", "torch")])
 def test_importing_a_module_leaves_the_other_unimported(module, absent, tmp_path):
