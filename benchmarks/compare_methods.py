@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.cli_runs import ROOT, train_and_test
+from benchmarks.cli_runs import ROOT, markdown_table, train_and_test
 
 METHODS = ("MD4", "GenMD4", "SEDD", "D3PM")
 NET = {"n_layers": 2, "d_model": 128, "n_heads": 4, "d_cond": 64, "time_conditioning": True}
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"method": method, "bpc_mean": statistics.mean(bpcs),
                      "bpc_sd": statistics.stdev(bpcs) if len(bpcs) > 1 else 0.0, "bpc": bpcs})
     table = (f"{args.steps} steps, batch 32 x 128 characters, seeds {args.seeds}, corpus {Path(args.corpus).name} "
-             "(text8 alphabet)\n\n" + bpc_table(rows).to_markdown(index=False) + "\n")
+             "(text8 alphabet)\n\n" + markdown_table(bpc_table(rows)) + "\n")
     print(table)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks.cli_runs import ROOT, train_and_test
+from benchmarks.cli_runs import ROOT, markdown_table, train_and_test
 from datamodules import CharDataModule, DigitsDataModule
 
 NET = ["--model.init_args.network.time_conditioning=true"]
@@ -87,7 +87,7 @@ def main() -> None:
                 r["w_least_frequent"] = {label(i): round(r["w"][i], 3) for i in order[-3:] if freq[i] > 0}
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "w"}), flush=True)
-    table = results_table(results).to_markdown(index=False)
+    table = markdown_table(results_table(results))
     print(table)
     dest = ROOT / "benchmarks" / "results"
     dest.mkdir(parents=True, exist_ok=True)

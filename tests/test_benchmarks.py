@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import compare_methods, genmd4_vs_md4, speed
+from benchmarks import cli_runs, compare_methods, genmd4_vs_md4, speed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,6 +121,8 @@ def test_compare_methods_table_is_bpc_only() -> None:
     assert table.to_dict("records")[0] == {"method": "MD4", "test BPC (mean +- sd over seeds)": "3.5000 +- 0.0100",
                                            "per seed": "3.4900, 3.5100"}
     assert not hasattr(compare_methods, "steps_per_second")
+    # The markdown keeps the cells as formatted: tabulate would print a lone seed's 3.6000 as 3.6.
+    assert "| 3.6000 " in cli_runs.markdown_table(table)
 
 
 def test_genmd4_vs_md4_table() -> None:
