@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -41,3 +42,8 @@ def train_and_test(root: Path, args: list[str], steps: int) -> dict:
     raw = ckpt["state_dict"].get("schedule.raw")
     return {"steps": steps, "fit_s": round(seconds, 1), "test_nats": nats, "test_bpt": nats / 0.6931471805599453,
             "w": F.softplus(raw).tolist() if raw is not None else None}
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """``table`` as markdown with its cells as formatted (tabulate would reprint 3.6000 as 3.6)."""
+    return table.to_markdown(index=False, disable_numparse=True)

@@ -17,9 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from benchmarks.cli_runs import ROOT, train_and_test
+from benchmarks.cli_runs import ROOT, markdown_table, train_and_test
 from datamodules import CharDataModule, DigitsDataModule
 
 NET = ["--model.init_args.network.time_conditioning=true"]
@@ -33,6 +34,23 @@ def token_frequencies(dm) -> tuple[torch.Tensor, list[str] | None]:
         counts += torch.bincount(dm.train_set[i]["x0"], minlength=dm.vocab_size)
     names = dm.decode(torch.arange(dm.vocab_size)[None])
     return counts / counts.sum(), (list(names[0]) if names else None)
+
+
+def exponents(w: dict[str, float] | None) -> str:
+    """GenMD4's exponents of a few tokens as ``token: w, ...``; ``-`` for a model without them."""
+    return ", ".join(f"{token}: {value:.3f}" for token, value in w.items()) if w else "-"
+
+
+def results_table(results: list[dict]) -> pd.DataFrame:
+    """One line per run: its budget, test NELBO and the exponents of the most and least frequent tokens."""
+    return pd.DataFrame({
+        "data": [r["data"] for r in results], "run": [r["run"] for r in results],
+        "steps": [r["steps"] for r in results], "network passes": [r["passes"] for r in results],
+        "fit s": [r["fit_s"] for r in results],
+        "test NELBO (bits/token)": [f"{r['test_bpt']:.4f}" for r in results],
+        "w of most frequent": [exponents(r.get("w_most_frequent")) for r in results],
+        "w of least frequent": [exponents(r.get("w_least_frequent")) for r in results],
+    })
 
 
 def main() -> None:
@@ -69,12 +87,7 @@ def main() -> None:
                 r["w_least_frequent"] = {label(i): round(r["w"][i], 3) for i in order[-3:] if freq[i] > 0}
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "w"}), flush=True)
-    lines = ["| data | run | steps | network passes | fit s | test NELBO (bits/token) | w of most frequent | w of least frequent |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['data']} | {r['run']} | {r['steps']} | {r['passes']} | {r['fit_s']} | "
-                     f"{r['test_bpt']:.4f} | {r.get('w_most_frequent', '-')} | {r.get('w_least_frequent', '-')} |")
-    table = "\n".join(lines)
+    table = markdown_table(results_table(results))
     print(table)
     dest = ROOT / "benchmarks" / "results"
     dest.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,11 @@
 # The GPU benchmark of issue 8, one prepared run on one H100/H200 with no internet:
 #   here:  bash benchmarks/fetch_wheels.sh
 #   there: bash benchmarks/gpu.sh            (device run: carry [".whl"], writes under $OUT)
-# It measures the bf16 matmul peak, then MD4-S training (seq 1024, batch 32, GPT-2 vocabulary)
+# It measures the bf16 matmul peak, then MD4-S training (configs/owt_small.yaml: seq 1024, GPT-2
+# vocabulary; batch 32 per GPU, the issue's shape, as D3PM's all-state posteriors need the memory)
 # through `md4 fit` one lever at a time, GenMD4/SEDD/D3PM at the same shape, and sampling
-# (1000 steps, batch 32), and prints one table. Each training row is a fresh process.
-# Dry run on the CPU (tiny shape, about 5 minutes): SIZE=tiny bash benchmarks/gpu.sh
+# (the config's 1000 steps, batch 32), and prints one table. Each training row is a fresh process.
+# Dry run on the CPU (a few minutes): CONFIG=configs/owt_tiny.yaml BATCH=8 bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -20,5 +21,6 @@ OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$OUT/gpu.txt" || true
 "$PY" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
-"$PY" -m benchmarks.speed --size "${SIZE:-md4s}" --methods "${METHODS:-all}" --work /tmp/md4_speed --out "$OUT" \
+"$PY" -m benchmarks.speed --config "${CONFIG:-configs/owt_small.yaml}" --batch "${BATCH:-32}" --sample-batch 32 \
+  --warmup 10 --steps 30 --methods "${METHODS:-all}" --work /tmp/md4_speed --out "$OUT" \
   2>&1 | tee "$OUT/speed.log"
