@@ -144,9 +144,13 @@ def config_shape(paths: list[Path], batch: int | None = None) -> Shape:
 
 
 def method_model(shape: Shape, method: str, levers: dict[str, Any]) -> dict[str, Any]:
-    """The model section for ``method``: the config's init_args that its class takes, plus MD4's levers."""
+    """The model section for ``method``: the config's init_args (for another method than the config's,
+    only those of the shared base, network and optimiser: a name like ``schedule`` means another
+    thing to each method), plus MD4's levers."""
     class_path = f"lightning_md4.modules.{method}"
-    accepted = inspect.signature(import_class(class_path)).parameters
+    same_method = shape.model.get("class_path", "").rsplit(".", 1)[-1] == method
+    owner = class_path if same_method else "lightning_md4.modules.base.DiffusionModule"
+    accepted = inspect.signature(import_class(owner)).parameters
     init_args = {k: copy.deepcopy(v) for k, v in shape.model.get("init_args", {}).items() if k in accepted}
     if method == "MD4":
         init_args["logits_at"] = levers.get("logits_at", "all")

@@ -89,6 +89,15 @@ def test_config_stack_and_global_batch() -> None:
     assert speed.config_shape([configs / "owt_small.yaml"], batch=32).batch == 32
 
 
+def test_other_methods_take_only_the_shared_init_args(tmp_path: Path) -> None:
+    """The config's MD4 ``schedule: linear`` is no SEDD schedule (SEDD's is loglinear or geometric)."""
+    shape = speed.config_shape([write_config(tmp_path, "tiny", TINY)])
+    assert speed.method_model(shape, "MD4", {})["init_args"]["schedule"] == "linear"
+    for method in ("GenMD4", "SEDD", "D3PM"):
+        init_args = speed.method_model(shape, method, {})["init_args"]
+        assert "schedule" not in init_args and init_args["network"]["d_model"] == 16
+
+
 def test_lever_chain_one_row_per_method() -> None:
     """MD4's levers accumulate; the other methods get one row each, without MD4's loss levers."""
     chain = speed.lever_chain(speed.METHODS, len(speed.LEVERS))
