@@ -418,6 +418,16 @@ def test_posteriors_match_brute_force_matrices(state_space, schedule):
     assert checked > 0
 
 
+def test_explicit_skip_steps_are_checked():
+    """The sampler's explicit s must satisfy 0 <= s < t <= T (the loss's s = t - 1 is valid by construction)."""
+    process = make_d3pm(V, T=6, dtype=torch.float64)
+    log_x0, xt = process.x0_log_probs(torch.zeros(1, V, dtype=torch.float64)), torch.tensor([V])
+    for t, s in ((3, 3), (3, -1), (7, 2)):
+        with pytest.raises(ValueError, match="need 0 <= s < t <= T"):
+            process.log_posterior(log_x0, xt, torch.tensor([t]), torch.tensor([s]))
+    assert torch.isfinite(process.log_posterior(log_x0, xt, torch.tensor([3]), torch.tensor([1]))).any()
+
+
 # -- 4. ancestral sampling ------------------------------------------------------------------------
 def test_sampler_reproduces_the_distribution_absorb():
     process = make_d3pm(V, T=100, state_space="absorbing")

@@ -204,10 +204,13 @@ class D3PMProcess(DiffusionProcess):
         raise ValueError(f"denoiser returned {C} logits per position; expected {self.num_states}")
 
     def _time_factor(self, t: Tensor, s: Tensor | None, ndim: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``(abar_t / abar_s, abar_s, 1 - abar_s)`` in float64, with trailing dims up to ``ndim``."""
+        """``(abar_t / abar_s, abar_s, 1 - abar_s)`` in float64, with trailing dims up to ``ndim``.
+
+        An explicit ``s`` (the sampler's skips) is checked; ``s = t - 1`` is not, because the check
+        reads the device (a host sync) and the loss's steps come from ``step_index``, in 1..T."""
         if s is None:
             s = t - 1
-        if bool(((s < 0) | (s >= t) | (t > self.T)).any()):
+        elif bool(((s < 0) | (s >= t) | (t > self.T)).any()):
             raise ValueError("need 0 <= s < t <= T")
         a_t, a_s, abar_s = self.alpha(t), self.alpha(s), self.one_minus_alpha(s)
         keep = a_t / a_s  # 1 - beta_{t|s}; a_s > 0 for s < T
