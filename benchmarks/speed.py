@@ -47,7 +47,11 @@ import pandas as pd
 import torch
 import yaml
 from lightning.fabric.utilities.throughput import Throughput, measure_flops
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.cli import instantiate_class
+
+from datamodules.base import per_device_batch
+from lightning_md4.callbacks import SampleLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "owt_tiny.yaml"
@@ -111,21 +115,21 @@ def load_config(paths: list[Path]) -> dict[str, Any]:
     return config
 
 
-def callback_args(config: dict[str, Any], suffix: str) -> dict[str, Any] | None:
-    """init_args of the config's first callback whose class name ends with ``suffix``."""
+def callback_args(config: dict[str, Any], base: type) -> dict[str, Any] | None:
+    """init_args of the config's first callback that is a ``base`` (e.g. any EMAWeightAveraging)."""
     for callback in config.get("trainer", {}).get("callbacks", []) or []:
-        if callback["class_path"].endswith(suffix):
+        if issubclass(import_class(callback["class_path"]), base):
             return dict(callback.get("init_args", {}))
     return None
 
 
-def per_device_batch(data: Any, trainer: dict[str, Any]) -> int:
-    """The data module's batch per device on the config's layout (a global batch is split over it)."""
+def device_batch(data: Any, trainer: dict[str, Any]) -> int:
+    """The data module's batch per device on the config's layout, by ``md4 fit``'s own rule."""
     if data.global_batch_size is None:
         return data.batch_size
     devices = trainer.get("devices", 1)
-    ranks = (devices if isinstance(devices, int) else 1) * trainer.get("num_nodes", 1)
-    return data.global_batch_size // (ranks * trainer.get("accumulate_grad_batches", 1))
+    return per_device_batch(data.global_batch_size, trainer.get("num_nodes", 1),
+                            devices if isinstance(devices, int) else 1, trainer.get("accumulate_grad_batches", 1))
 
 
 def config_shape(paths: list[Path], batch: int | None = None) -> Shape:
@@ -133,12 +137,12 @@ def config_shape(paths: list[Path], batch: int | None = None) -> Shape:
     config = load_config(paths)
     trainer = config.get("trainer", {})
     data = instantiate_class((), config["data"])  # vocab_size and seq_len are set right after __init__
-    sampler = callback_args(config, "SampleLogger") or {}
+    sampler = callback_args(config, SampleLogger) or {}
     return Shape(
         model=config["model"], vocab_size=data.vocab_size, seq_len=data.seq_len,
-        batch=batch or per_device_batch(data, trainer), precision=trainer.get("precision"),
+        batch=batch or device_batch(data, trainer), precision=trainer.get("precision"),
         gradient_clip_val=trainer.get("gradient_clip_val"),
-        ema=callback_args(config, "EMA") or {"decay": DEFAULT_EMA_DECAY},
+        ema=callback_args(config, EMAWeightAveraging) or {"decay": DEFAULT_EMA_DECAY},
         sample_batch=sampler.get("num_samples", 1), sample_steps=sampler.get("steps", 64),
         sample_grid=sampler.get("grid", "uniform"))
 
@@ -270,7 +274,7 @@ def fit_config(shape: Shape, method: str, levers: dict[str, Any], timing: Timing
                result: Path) -> dict[str, Any]:
     """The ``md4 fit`` config of one row: the config's model and optimisation on random tokens."""
     ema_path = levers.get("ema", "lightning.pytorch.callbacks.EMAWeightAveraging")
-    ema_args = shape.ema if ema_path.endswith("ForeachEMA") else {"decay": shape.ema["decay"]}
+    ema_args = shape.ema if ema_path.endswith("ForeachEMA") else {"decay": shape.ema.get("decay", DEFAULT_EMA_DECAY)}
     callbacks = [
         {"class_path": ema_path, "init_args": ema_args},
         {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar",

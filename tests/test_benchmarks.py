@@ -3,6 +3,7 @@ configs, and the tables of the BPC comparisons. Speeds themselves are never asse
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from benchmarks import cli_runs, compare_methods, genmd4_vs_md4, speed
+from datamodules.base import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +91,19 @@ def test_config_stack_and_global_batch() -> None:
     assert speed.config_shape([configs / "owt_small.yaml"], batch=32).batch == 32
 
 
+def test_ema_and_batch_follow_md4_fits_rules(tmp_path: Path) -> None:
+    """Lightning's own EMA callback counts as the config's EMA, and a global batch that does not
+    split over the layout is refused as md4 fit refuses it (not silently floored)."""
+    config = copy.deepcopy(TINY)
+    config["trainer"]["callbacks"][0] = {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
+                                         "init_args": {"decay": 0.95}}
+    assert speed.config_shape([write_config(tmp_path, "lightning_ema", config)]).ema == {"decay": 0.95}
+    config["data"]["init_args"] = {"batch_size": None, "global_batch_size": 6}
+    config["trainer"]["devices"] = 4
+    with pytest.raises(DataError, match="does not divide"):
+        speed.config_shape([write_config(tmp_path, "odd_batch", config)])
+
+
 def test_other_methods_take_only_the_shared_init_args(tmp_path: Path) -> None:
     """The config's MD4 ``schedule: linear`` is no SEDD schedule (SEDD's is loglinear or geometric)."""
     shape = speed.config_shape([write_config(tmp_path, "tiny", TINY)])
@@ -129,7 +144,6 @@ def test_compare_methods_table_is_bpc_only() -> None:
     assert list(table.columns) == ["method", "test BPC (mean +- sd over seeds)", "per seed"]
     assert table.to_dict("records")[0] == {"method": "MD4", "test BPC (mean +- sd over seeds)": "3.5000 +- 0.0100",
                                            "per seed": "3.4900, 3.5100"}
-    assert not hasattr(compare_methods, "steps_per_second")
     # The markdown keeps the cells as formatted: tabulate would print a lone seed's 3.6000 as 3.6.
     assert "| 3.6000 " in cli_runs.markdown_table(table)
 
