@@ -434,7 +434,7 @@ def requeue_stopped(spec: StudySpec, study: optuna.Study, trial: optuna.Trial, t
     try:
         tell(spec, study, trial, run_outcome(spec, trial_dir, None, offset, progressed=True))
     except Exception as err:  # the storage may be what is failing; the heartbeat lapse still reruns it
-        print(f"[md4-sweep] trial {trial.number} left RUNNING ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+        print(f"[md4-sweep] trial {trial.number} left RUNNING ({type(err).__name__}: {redact_secrets(str(err))})", file=sys.stderr, flush=True)
 
 
 # -- supervising the trial's processes ---------------------------------------------------------

@@ -25,7 +25,7 @@ from sweeps.callback import ObjectiveNotLogged, OptunaTrial, read_progress
 from sweeps.spec import StudyError, load_spec
 from sweeps.storage import beat_with_retry, fail_stale_trials, open_storage
 from sweeps.worker import (NO_PROGRESS, WALL_CLOCK, WORKER_INDEX_ENV, Policy, TrialWatch, failure_kind, launch,
-                           retry_failed, run_worker, storage_url)
+                           requeue_stopped, retry_failed, run_worker, storage_url)
 from test_sweeps import ENV, TINY, write_study
 
 SPACE_1 = {"schedule": {"type": "categorical", "choices": ["linear"], "arg": "model.init_args.schedule"}}
@@ -343,8 +343,19 @@ def test_secrets_in_errors_are_redacted(tmp_path, monkeypatch, capsys):
 
     callback._trial = BrokenTrial()
     assert callback._report(1.0, 2) is False
+
+    class Trial:
+        number = 7
+
+    def unreachable_tell(*args):
+        raise OSError(f"cannot reach {url}")
+
+    # A stopping worker's requeue, when the storage is what failed.
+    monkeypatch.setattr("sweeps.worker.tell", unreachable_tell)
+    monkeypatch.setattr("sweeps.worker.run_outcome", lambda *args, **kwargs: None)
+    requeue_stopped(None, None, Trial(), tmp_path, 0)
     printed = capsys.readouterr()
-    assert "hunter2" not in printed.out + printed.err and printed.err.count("sweeper:***@db.example") == 2
+    assert "hunter2" not in printed.out + printed.err and printed.err.count("sweeper:***@db.example") == 3
 
 
 @pytest.mark.slow
