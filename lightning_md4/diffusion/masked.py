@@ -92,6 +92,19 @@ class MaskedDiffusion(AbsorbingState, DiffusionProcess):
         ``x0``: LongTensor [B, N]; ``t``: optional times [B] in [0, 1]; ``noise``: optional mask
         uniforms [B, N]. The estimate is unbiased for any fixed denoiser.
         """
+        return self.loss(denoiser, x0, t, antithetic, noise, generator)[1]
+
+    def loss(self, denoiser: Denoiser, x0: Tensor, t: Tensor | None = None, antithetic: bool = True,
+             noise: Tensor | None = None, generator: torch.Generator | None = None,
+             ce_weight: float = 0.0) -> tuple[Tensor, Tensor]:
+        """``(objective, nelbo)``, nats per sequence ``[B]``, from one network pass.
+
+        ``objective = nelbo + ce_weight * CE`` with ``CE`` the cross-entropy summed over the masked
+        positions: a flat, t-independent weight beside the bound's ``-alpha'_t / (1 - alpha_t)``
+        (``1/t`` for linear). It is D3PM's hybrid term on MD4 (Austin et al.'s ``lambda`` weighs
+        ``lambda T`` against the bound, 10 at lambda 0.01 and T 1000), so the effect of the
+        hybrid can be measured on MD4 itself. ``nelbo`` is always the unweighted bound.
+        """
         if t is None:
             t = self.sample_times(x0.shape[0], x0.device, antithetic, generator)
         xt, mask = self.forward_sample(x0, t, noise, generator)
@@ -99,7 +112,8 @@ class MaskedDiffusion(AbsorbingState, DiffusionProcess):
         # At t = 0 an unclipped schedule masks nothing and the weight is infinite: the term is 0.
         # The weight itself is zeroed (not only the product), or the backward pass gives 0 * inf = NaN.
         weight = torch.where(mask.any(-1), self.schedule.loss_weight(t.double()), 0.0).to(ce.dtype)
-        return weight * ce + self.endpoint_terms(x0.shape[1])
+        nelbo = weight * ce + self.endpoint_terms(x0.shape[1])
+        return (nelbo + ce_weight * ce if ce_weight else nelbo), nelbo
 
     def nelbo_discrete(self, denoiser: Denoiser, x0: Tensor, T: int, t: Tensor | None = None,
                        antithetic: bool = True, noise: Tensor | None = None,

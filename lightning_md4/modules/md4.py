@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from typing import Literal
 
+from torch import Tensor
+
 from lightning_md4.diffusion.masked import MaskedDiffusion
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
 from lightning_md4.nets import NetworkConfig
@@ -22,6 +24,9 @@ class MD4(DiffusionModule):
             FLOPs, but a host sync; measured in benchmarks/README.md), ``all`` on every position.
         ce_chunk_rows: compute the cross-entropy in float32 chunks of this many rows rather than
             on a float32 copy of all the logits (same loss, less memory); ``null``: one chunk.
+        ce_weight: an ablation, off (0) by default: train on ``nelbo + ce_weight * CE``, a flat
+            cross-entropy weight beside the bound's 1/t-like one (D3PM's hybrid term: its lambda
+            weighs ``lambda T`` = 10 at the text settings). Every reported NELBO stays the bound.
         (the rest: see ``DiffusionModule``)
     """
 
@@ -29,8 +34,10 @@ class MD4(DiffusionModule):
                  schedule_kwargs: dict[str, float] | None = None, network: NetworkConfig | None = None,
                  optim: OptimConfig | None = None, antithetic: bool = True, seed: int = 0,
                  eval_seed: int = 0, logits_at: Literal["all", "masked"] = "all",
-                 ce_chunk_rows: int | None = None) -> None:
+                 ce_chunk_rows: int | None = None, ce_weight: float = 0.0) -> None:
         super().__init__(vocab_size, seq_len, network, optim, antithetic, seed, eval_seed)
+        if ce_weight < 0:
+            raise ValueError(f"ce_weight is {ce_weight}; it must be >= 0 (0 trains on the bound alone)")
         try:
             sch = make_schedule(schedule, **(schedule_kwargs or {}))
         except TypeError as err:
@@ -43,3 +50,9 @@ class MD4(DiffusionModule):
     @property
     def process(self) -> MaskedDiffusion:
         return self._process
+
+    def train_objective(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        t, noise = self.train_noise(batch)
+        objective, nelbo = self.process.loss(self.denoiser(batch), batch["x0"], t=t, noise=noise,
+                                             ce_weight=self.hparams.ce_weight)
+        return objective, nelbo.detach()
