@@ -2,6 +2,10 @@
 
 Input tokens ``[B, N]`` with ids ``0..V`` (``V`` is the mask), times ``[B]``, optionally class
 labels ``[B]``; output logits ``[B, N, V]`` over the real tokens only.
+
+With ``causal: true`` every position attends only to itself and the positions before it (the
+autoregressive baseline, :mod:`lightning_md4.modules.ar`), and :meth:`Transformer.decode` runs it
+incrementally with a key/value cache (:class:`KVCache`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ class TransformerConfig:
     ``num_classes`` > 0 makes the network class-conditional (label ``num_classes`` is the null
     label of classifier-free guidance); in training each label becomes the null label with
     probability ``label_dropout``, so the same network also learns the unconditional model.
+
+    ``causal`` masks attention so that position i sees positions 0..i only (an autoregressive
+    model; the AR method sets it); the default, bidirectional attention, is the denoisers'.
     """
 
     n_layers: int = 12
@@ -33,6 +40,7 @@ class TransformerConfig:
     rope_base: float = 10000.0
     num_classes: int = 0
     label_dropout: float = 0.1
+    causal: bool = False
 
     def __post_init__(self) -> None:
         # Checked where declared, so a bad size stops the command before any run folder is touched.
@@ -85,6 +93,31 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+class KVCache:
+    """Keys and values of the positions a causal transformer has read, per block, for
+    :meth:`Transformer.decode`: preallocated for ``max_len`` positions on the first call, so that
+    a step writes one slot instead of copying the whole cache."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0  # positions stored
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k``, ``v`` ``[B, H, n, D]`` after the stored positions; all keys and values so far."""
+        start, n = self.length, k.shape[2]
+        if start + n > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} positions; {start} stored, {n} more given")
+        if layer == len(self.keys):  # first call: allocate this block's buffers
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.keys.append(k.new_empty(shape))
+            self.values.append(v.new_empty(shape))
+        self.keys[layer][:, :, start : start + n] = k
+        self.values[layer][:, :, start : start + n] = v
+        return self.keys[layer][:, :, : start + n], self.values[layer][:, :, : start + n]
+
+
 class Block(nn.Module):
     """Pre-norm attention + GLU MLP, each modulated (shift, scale, gate) by the conditioning vector."""
 
@@ -92,6 +125,7 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.n_heads = cfg.n_heads
+        self.causal = cfg.causal
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False)
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.attn_out = nn.Linear(d, d, bias=False)
@@ -104,14 +138,26 @@ class Block(nn.Module):
         nn.init.zeros_(self.ada.weight)  # adaLN-Zero: every block starts as the identity
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> Tensor:
+        """``x`` ``[B, N, d]``; with ``cache`` (causal blocks), ``x`` holds the ``N`` positions after
+        the ``cache.length`` already read, ``cos``/``sin`` their angles, and block ``layer`` stores
+        its keys and values there."""
         B, N, d = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift1, scale1)
         q, k, v = self.qkv(h).view(B, N, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         p = self.dropout if self.training else 0.0
-        h = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, N, d)
+        if cache is None:
+            h = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=self.causal)
+        else:
+            past = cache.length
+            k, v = cache.extend(layer, k, v)
+            # New position i (absolute past + i) sees keys 0..past + i; one new position sees them all.
+            mask = None if N == 1 else torch.ones(N, past + N, dtype=torch.bool, device=x.device).tril(past)
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        h = h.transpose(1, 2).reshape(B, N, d)
         x = x + gate1[:, None] * F.dropout(self.attn_out(h), p, self.training)
         h = modulate(self.norm2(x), shift2, scale2)
         a, b = self.mlp_in(h).chunk(2, dim=-1)
@@ -203,6 +249,26 @@ class Transformer(nn.Module):
         shift, scale = self.ada_out(c).chunk(2, dim=-1)
         h = modulate(self.norm_out(x), shift, scale)
         return self.head(h if positions is None else h[positions])
+
+    def decode(self, tokens: Tensor, cache: KVCache, y: Tensor | None = None) -> Tensor:
+        """Logits ``[B, n, V]`` of the ``n`` positions ``tokens`` ``[B, n]`` that follow the
+        ``cache.length`` positions already read, reading only these (a causal network's
+        incremental forward): equal to ``forward``'s rows ``cache.length:cache.length + n`` on
+        the whole sequence. Adds their keys and values to ``cache``."""
+        if not self.cfg.causal:
+            raise ValueError("decode with a KV cache needs a causal transformer (network.causal: true)")
+        B, n = tokens.shape
+        start = cache.length
+        t = torch.zeros(B, device=tokens.device)  # a causal model here has no time input
+        c = self.conditioning(t, y).to(self.embed.weight.dtype)
+        cos, sin = self.rotary(start + n, tokens.device)
+        cos, sin = cos[:, :, start:], sin[:, :, start:]
+        x = self.drop(self.embed(tokens))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, c, cos, sin, cache, layer)
+        cache.length = start + n
+        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        return self.head(modulate(self.norm_out(x), shift, scale))
 
     def num_params(self, exclude_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
