@@ -47,7 +47,7 @@ def command_parser() -> ArgumentParser:
                             description="Masked discrete diffusion: train and score with Lightning's Trainer "
                                         "(fit, validate, test: --config YAML, then --section.key value overrides), "
                                         "then sample and evaluate a checkpoint of md4 fit.",
-                            epilog="Methods (--model): MD4, GenMD4, SEDD, D3PM. "
+                            epilog="Methods (--model): MD4, GenMD4, SEDD, D3PM, MDLM, AR. "
                                    "md4 COMMAND --help lists the options of a command.")
     subcommands = parser.add_subcommands(dest="command", required=True)
     for name, help_line in LIGHTNING_COMMANDS.items():
