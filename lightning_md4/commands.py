@@ -189,12 +189,15 @@ def genppl(ckpt_path: str, scorer: str = "gpt2-large", num_samples: PositiveInt 
            device: str | None = None, output: str | None = None) -> None:
     """Generative perplexity and unigram entropy of a text model's samples.
 
-    The samples are decoded to text, retokenized for a causal language model and scored by it; the
-    unigram entropy exposes low-diversity samples that a low generative perplexity would flatter.
+    A causal LM scorer reads the samples decoded to text and retokenized by its own tokenizer; an AR
+    checkpoint of this suite scores the sampled token ids themselves, and must have been trained on
+    the same data module and vocabulary (for CharDataModule, the same characters in the same order;
+    for word-piece data, the same tokenizer). The unigram entropy exposes low-diversity samples
+    that a low generative perplexity would flatter.
 
     Args:
         ckpt_path: checkpoint written by md4 fit
-        scorer: causal LM: hub name or local folder
+        scorer: causal LM (hub name or local folder), or an AR checkpoint (.ckpt) of md4 fit on the same data and vocabulary
         num_samples: samples to draw
         steps: sampling steps
         grid: time grid of the sampler
@@ -207,24 +210,44 @@ def genppl(ckpt_path: str, scorer: str = "gpt2-large", num_samples: PositiveInt 
     import torch
 
     from datamodules.tokenizer import load_tokenizer
-    from lightning_md4.evaluation import causal_lm_nll, load_causal_lm, perplexity, unigram_entropy
+    from lightning_md4.evaluation import (ar_nll, causal_lm_nll, is_checkpoint_path, load_ar_scorer, load_causal_lm,
+                                          perplexity, unigram_entropy)
 
     device = device or default_device()
     ckpt = FitCheckpoint.read(ckpt_path)
+    # The scorer is checked before anything is sampled.
+    if is_checkpoint_path(scorer):
+        ar_scorer, scorer_lm = load_ar_scorer(scorer, ckpt, device), None
+    else:
+        ar_scorer, (scorer_lm, scorer_tokenizer) = None, load_causal_lm(scorer, device)
+    # Samples become text by the data's tokenizer (word pieces), else by the data module's own
+    # decoding (characters); a causal LM needs text.
+    if tokenizer is not None or "tokenizer" in ckpt.data_hparams:
+        text_tokenizer = load_tokenizer(tokenizer or ckpt.tokenizer)
+
+        def decode(tokens: torch.Tensor) -> list[str]:
+            return [text_tokenizer.decode(row.tolist()) for row in tokens]
+    else:
+        decode = ckpt.datamodule().decode
+        if decode(torch.zeros(1, 1, dtype=torch.long)) is None and scorer_lm is not None:
+            raise UsageError(f"{ckpt_path} is a model of {ckpt.data_hparams.get('_class_path')}, not of text; a causal "
+                             "language model scores text: pass --scorer an AR checkpoint of the same data")
     model = ckpt.model(device)
-    text_tokenizer = load_tokenizer(tokenizer or ckpt.tokenizer)
-    scorer_lm, scorer_tokenizer = load_causal_lm(scorer, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = []
     for start in range(0, num_samples, batch_size):
         tokens, _ = model.sample(min(batch_size, num_samples - start), steps, grid, generator=generator)
         samples.append(tokens.cpu())
     tokens = torch.cat(samples)
-    texts = [text_tokenizer.decode(row.tolist()) for row in tokens]
-    nll, count = causal_lm_nll(texts, scorer_lm, scorer_tokenizer, batch_size)
+    texts = decode(tokens)
+    if ar_scorer is not None:
+        nll, count = ar_nll(ar_scorer, tokens, batch_size)
+    else:
+        nll, count = causal_lm_nll(texts, scorer_lm, scorer_tokenizer, batch_size)
     result = {"checkpoint": str(ckpt.path), "scorer": scorer, "num_samples": num_samples, "steps": steps,
               "grid": grid, "generative_perplexity": perplexity(nll, count), "scored_tokens": count,
-              "unigram_entropy": float(unigram_entropy(tokens).mean()), "samples": texts}
+              "unigram_entropy": float(unigram_entropy(tokens).mean()),
+              "samples": texts if texts is not None else tokens.tolist()}
     result_file = Path(output) if output else ckpt.path.parent / f"genppl-{ckpt.path.stem}.json"
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{type(model).__name__} {ckpt.path}: {num_samples} samples, {steps} steps ({grid} grid); "

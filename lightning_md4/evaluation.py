@@ -10,6 +10,9 @@ Generative perplexity: samples of a model (categorical draws in float64, see
 :mod:`lightning_md4.diffusion.sampling`), decoded to text, are retokenized for a causal language
 model (GPT-2 large by default, from the hub or a local folder) that scores them; the samples'
 unigram entropy exposes low-diversity samples that a low generative perplexity would flatter.
+The scorer may instead be an AR checkpoint of this suite (:func:`load_ar_scorer`), trained on
+the same data module and vocabulary, which scores the sampled token ids themselves
+(:func:`ar_nll`): no download, and no retokenization.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import torch
 from torch import Tensor
 
 from datamodules.zeroshot import ZeroShotDataModule
-from lightning_md4.modules.base import DiffusionModule
+from lightning_md4.checkpoints import FitCheckpoint, first_line, resolve_class
+from lightning_md4.modules.ar import AR
+from lightning_md4.modules.base import CheckpointError, DiffusionModule
 
 
 @dataclass
@@ -160,3 +165,102 @@ def load_causal_lm(name_or_path: str, device: str) -> tuple[Any, Any]:
         raise FileNotFoundError(f"could not load the causal language model {name_or_path!r} ({first}); "
                                 "pass --scorer with a local model folder or a hub name") from None
     return model, tokenizer
+
+
+# -- an AR checkpoint of this suite as the scorer --------------------------------------------
+def is_checkpoint_path(scorer: str) -> bool:
+    """Whether ``--scorer`` names a checkpoint of this suite (a ``.ckpt`` path or any file) rather
+    than a causal LM (a hub name or a local model folder)."""
+    from pathlib import Path
+
+    return scorer.endswith(".ckpt") or Path(scorer).expanduser().is_file()
+
+
+def vocabulary(ckpt: FitCheckpoint) -> dict[str, Any]:
+    """What fixes the meaning of a checkpoint's token ids: its data module class, the model's
+    ``vocab_size``, and the data module's vocabulary setting where it has one: the characters of a
+    ``CharDataModule`` (``vocab``, in token order) or the tokenizer (``tokenizer``) of a word-piece
+    module. Other data modules (text8, digits, images) have one fixed vocabulary per class."""
+    data = ckpt.data_hparams
+    found = {"data module": data.get("_class_path"), "vocab_size": ckpt.contents["hyper_parameters"].get("vocab_size")}
+    for key in ("vocab", "tokenizer"):
+        if key in data:
+            found[key] = data[key]
+    return found
+
+
+def vocabulary_difference(scorer: dict[str, Any], sampled: dict[str, Any]) -> str | None:
+    """The first way two :func:`vocabulary` descriptions differ, in words; ``None`` when the same.
+
+    Two tokenizers given by different names are the same when their serialised vocabularies,
+    merges and settings are (the fingerprint of :func:`datamodules.tokenizer.load_tokenizer`)."""
+    for key in ("data module", "vocab_size", "vocab", "tokenizer"):
+        mine, theirs = scorer.get(key), sampled.get(key)
+        if mine == theirs:
+            continue
+        if key == "tokenizer" and mine is not None and theirs is not None:
+            from datamodules.tokenizer import load_tokenizer
+
+            if load_tokenizer(mine).fingerprint == load_tokenizer(theirs).fingerprint:
+                continue
+        if key == "vocab" and mine is not None and theirs is not None:
+            only_scorer = "".join(sorted(set(mine) - set(theirs)))
+            only_sampled = "".join(sorted(set(theirs) - set(mine)))
+            if only_scorer or only_sampled:
+                return (f"its characters differ (only the scorer's: {only_scorer!r}, only the sampled model's: "
+                        f"{only_sampled!r})")
+            return "its characters are the same set in another token order"
+        return f"its {key} is {mine!r}, the sampled model's is {theirs!r}"
+    return None
+
+
+def load_ar_scorer(path: str, sampled: FitCheckpoint, device: str) -> AR:
+    """The AR model of checkpoint ``path`` (EMA weights, eval mode) on ``device``, to score samples
+    of the model of ``sampled``.
+
+    Raises:
+        CheckpointError: ``path`` is missing or unreadable, is not an AR model, or was trained on
+            another vocabulary (:func:`vocabulary`): its token ids would mean other tokens.
+    """
+    from pathlib import Path
+
+    if not Path(path).expanduser().is_file():
+        raise CheckpointError(f"--scorer {path}: no such checkpoint; pass an AR checkpoint of md4 fit (.ckpt), or a "
+                              "causal language model's hub name or folder")
+    try:
+        scorer = FitCheckpoint.read(Path(path).expanduser())
+        cls = resolve_class(scorer.contents["hyper_parameters"]["_class_path"], DiffusionModule)
+    except CheckpointError as err:
+        raise CheckpointError(f"--scorer: {first_line(err)}") from None
+    if not issubclass(cls, AR):
+        raise CheckpointError(f"--scorer {path} holds a {cls.__name__} model; a checkpoint scorer must be an AR model "
+                              "(exact next-token likelihoods): train one with md4 fit --model AR on the same data")
+    difference = vocabulary_difference(vocabulary(scorer), vocabulary(sampled))
+    if difference is not None:
+        raise CheckpointError(f"--scorer {path} was trained on another vocabulary than {sampled.path}: {difference}; "
+                              "a checkpoint scorer needs the same data module and vocabulary")
+    return scorer.model(device).eval()
+
+
+@torch.no_grad()
+def ar_nll(model: AR, tokens: Tensor, batch_size: int = 16, stride: int | None = None) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of the sequences ``tokens`` ``[B, N]`` under an AR
+    model of the same vocabulary, and the tokens scored (``B * N``: every token, the first one
+    from BOS, as in the AR model's own NLL).
+
+    A sequence no longer than the model's ``seq_len`` is scored in one pass (its exact NLL). A
+    longer one by windows of ``seq_len`` tokens (:func:`score_windows`, ``stride`` default half of
+    it), each read behind BOS, as training crops are, and scoring the tokens no earlier window did.
+    """
+    model.eval()
+    context, length = model.hparams.seq_len, tokens.shape[1]
+    stride = context // 2 if stride is None else stride
+    windows = [(0, length, 0)] if length <= context else score_windows(length, context, stride)
+    total, device = 0.0, model.device
+    for begin, end, first in windows:
+        first = 0 if begin == 0 else first  # the first window scores its first token too (from BOS)
+        for i in range(0, tokens.shape[0], batch_size):
+            rows = tokens[i : i + batch_size, begin:end].to(device)
+            logp = model.process.token_log_probs(model.net, rows)
+            total -= float(logp[:, first - begin :].double().sum())
+    return total, tokens.shape[0] * length
