@@ -305,8 +305,8 @@ def resume_record_name(log_dir: Path) -> str:
 def run_hparams(model: Any, datamodule: Any) -> dict[str, Any]:
     """What tells runs apart in TensorBoard's HPARAMS tab: method, schedule, network size, learning rate."""
     hp, net = model.hparams, model.net.cfg
-    if "T" in hp:  # D3PM
-        schedule = f"{hp.state_space}, T={hp.T}"
+    if "T" in hp:  # D3PM: the resolved schedule (its default depends on the state space)
+        schedule = f"{hp.schedule}, {hp.state_space}, T={hp.T}"
     elif "state_space" in hp:  # SEDD
         schedule = f"{hp.schedule} noise, {hp.state_space}"
     elif "schedule" in hp:

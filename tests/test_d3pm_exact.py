@@ -499,6 +499,141 @@ def test_sampler_honours_the_time_grid(state_space):
         assert empirical_tv(samples, CONFIGS, PROBS) < 0.06
 
 
+# -- 4b. coarse grids: the sampler's output law, by enumeration ------------------------------------
+def states_of(K: int) -> torch.Tensor:
+    """Every sequence over K states, ``[K^N, N]``, in the order of ``CONFIGS`` for K = V."""
+    return torch.tensor(list(itertools.product(range(K), repeat=N)))
+
+
+def propagate(law: torch.Tensor, states: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
+    """One sampler step on the law ``[S]`` over ``states [S, N]``: every position moves
+    independently given the whole state, ``moves [S, N, K]`` being P(x_s[n] = j | x_t = states)."""
+    jump = torch.ones(len(states), len(states), dtype=torch.float64)
+    for n in range(N):
+        jump = jump * moves[:, n, :][:, states[:, n]]  # [from, to]
+    return law @ jump
+
+
+def d3pm_moves(state_space: str, denoiser, states: torch.Tensor, t: int, s: int, T: int,
+               final: str = "draw") -> torch.Tensor:
+    """The ancestral step's ``[S, N, K]`` from explicit matrices (brute_matrices, linear schedule):
+    P(x_s = j | x_t = k) propto sum_i p~(i) Qbar_s[i, j] Q_{t|s}[j, k]; at s = 0 over the real tokens
+    only (here the mask's entry is 0 anyway). ``final="argmax"``: the reference code's last step,
+    the argmax of that posterior, as a reference for what the test must tell apart."""
+    _, Q, Qbar = brute_matrices(state_space, T)
+    K = Q.shape[-1]
+    Q_ts = torch.linalg.multi_dot([torch.eye(K, dtype=torch.float64)] * 2 + [Q[r] for r in range(s + 1, t + 1)])
+    p0 = denoiser(states, torch.full((len(states),), t / T, dtype=torch.float64)).exp()
+    p0 = torch.cat([p0, torch.zeros_like(p0[..., : K - V])], -1)  # the mask's column (absorbing), p~ = 0
+    unnorm = (p0 @ Qbar[s]) * Q_ts[:, states].permute(1, 2, 0)  # [S, N, K]
+    if s == 0:
+        unnorm[..., V:] = 0.0
+    if s == 0 and final == "argmax":
+        unnorm = torch.nn.functional.one_hot(unnorm.argmax(-1), K).double()
+    total = unnorm.sum(-1, keepdim=True)
+    return unnorm / torch.where(total > 0, total, 1.0)  # a zero row: a state the sampler never reaches
+
+
+def md4_moves(denoiser, states: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    """MD4's ancestral step (paper Alg. 2) on the linear schedule alpha = 1 - t: a masked token is
+    revealed with probability (alpha_s - alpha_t) / (1 - alpha_t), drawn from p(x0 | x_t)."""
+    reveal = ((1 - s) - (1 - t)) / t
+    p0 = denoiser(states, torch.full((len(states),), t, dtype=torch.float64)).exp()
+    masked = (states == V)[..., None]
+    move = torch.cat([reveal * p0, torch.full_like(p0[..., :1], 1 - reveal)], -1)
+    return torch.where(masked, move, torch.nn.functional.one_hot(states, V + 1).double())
+
+
+def sampler_law(state_space: str, moves, steps: int) -> torch.Tensor:
+    """The exact law over the V^N sequences of a sampler started from the prior (absorbing: all
+    masked; uniform: uniform) on the uniform grid of ``steps`` intervals; ``moves(states, i)`` gives
+    interval i's ``[S, N, K]``."""
+    K = V + 1 if state_space == "absorbing" else V
+    states = states_of(K)
+    if state_space == "absorbing":
+        law = (states == V).all(-1).double()
+    else:
+        law = torch.full((len(states),), 1.0 / len(states), dtype=torch.float64)
+    for i in range(steps):
+        law = propagate(law, states, moves(states, i))
+    done = (states < V).all(-1)
+    assert law[~done].sum() < 1e-12  # every token is real after the last step
+    return law[done]
+
+
+def tv(p: torch.Tensor, q: torch.Tensor) -> float:
+    return 0.5 * (p - q).abs().sum().item()
+
+
+def empirical_law(samples: torch.Tensor) -> torch.Tensor:
+    codes = (samples * V ** torch.arange(N - 1, -1, -1)).sum(-1)
+    return torch.bincount(codes, minlength=V**N).double() / len(samples)
+
+
+def mc_tolerance(law: torch.Tensor, draws: int) -> float:
+    """A bound on TV(empirical law of ``draws`` i.i.d. draws, ``law``) that fails with probability
+    < 1e-7: E[TV] <= 1/2 sum_k sqrt(p_k (1 - p_k) / draws) (Jensen), and TV moves by at most
+    1/draws per draw, so P(TV > E[TV] + eps) <= exp(-2 eps^2 draws) (McDiarmid); eps = 0.015 at
+    40000 draws gives exp(-18)."""
+    return 0.5 * (law * (1 - law) / draws).sqrt().sum().item() + math.sqrt(18 / (2 * draws))
+
+
+DRAWS = 40000
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_coarse_grid_absorbing_sampler_has_md4s_law(steps):
+    """With the exact denoiser, the linear schedule and 2 or 4 steps, absorbing D3PM's ancestral
+    sampler and MD4's have the same output law: enumerated over all 4^3 states, equal to 1e-12.
+    The samplers themselves (D3PM's ``sample``, MD4's ``sample``, 40000 float64 draws each) are
+    within Monte Carlo error of it, so their TVs to the data agree. The reference code's argmax at
+    the last step gives another law (TV 0.26 from it at 2 steps, 0.11 at 4; the tolerance is
+    0.025): D3PM sampled so fails here, although on this toy its TV to the data happens to be
+    smaller (0.200 vs 0.210 at 2 steps, 0.086 vs 0.109 at 4)."""
+    T = 1000
+    process = make_d3pm(V, T=T, state_space="absorbing")
+    md4 = MaskedDiffusion(Linear(), V)
+    oracle = ExactDenoiser(CONFIGS, PROBS, process.mask_id)
+    grid = [round(T * (1 - i / steps)) for i in range(steps + 1)]  # the uniform grid in steps t / T
+
+    def ancestral(states, i, final="draw"):
+        return d3pm_moves("absorbing", oracle, states, grid[i], grid[i + 1], T, final)
+
+    law = sampler_law("absorbing", ancestral, steps)
+    md4_law = sampler_law("absorbing", lambda states, i: md4_moves(oracle, states, grid[i] / T, grid[i + 1] / T), steps)
+    torch.testing.assert_close(law, md4_law, rtol=0, atol=1e-12)
+    argmax_law = sampler_law("absorbing", lambda states, i: ancestral(states, i, "argmax"), steps)
+    tol = mc_tolerance(law, DRAWS)
+    assert tv(argmax_law, law) > 3 * tol, (tv(argmax_law, law), tol)  # the test tells the two rules apart
+
+    d3pm_samples = process.sample(oracle, (DRAWS, N), steps, generator=torch.Generator().manual_seed(10 + steps))
+    md4_samples = md4.sample(oracle, (DRAWS, N), steps, generator=torch.Generator().manual_seed(20 + steps))
+    d3pm_emp, md4_emp = empirical_law(d3pm_samples), empirical_law(md4_samples)
+    assert tv(d3pm_emp, law) < tol and tv(md4_emp, law) < tol, (tv(d3pm_emp, law), tv(md4_emp, law), tol)
+    assert abs(tv(d3pm_emp, PROBS) - tv(md4_emp, PROBS)) < 2 * tol
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_coarse_grid_uniform_sampler_follows_its_ancestral_law(steps):
+    """The uniform kernel's last step draws too: the sampler's empirical law (40000 draws, the
+    best x0-predictor, linear schedule) is within Monte Carlo error of the ancestral law enumerated
+    from explicit matrices over the 27 sequences; the argmax rule's law is far from it."""
+    T = 1000
+    process = make_d3pm(V, T=T, state_space="uniform", schedule="linear")
+    oracle = UniformOracle(CONFIGS, PROBS)
+    grid = [round(T * (1 - i / steps)) for i in range(steps + 1)]
+
+    def ancestral(states, i, final="draw"):
+        return d3pm_moves("uniform", oracle, states, grid[i], grid[i + 1], T, final)
+
+    law = sampler_law("uniform", ancestral, steps)
+    argmax_law = sampler_law("uniform", lambda states, i: ancestral(states, i, "argmax"), steps)
+    tol = mc_tolerance(law, DRAWS)
+    assert tv(argmax_law, law) > 3 * tol, (tv(argmax_law, law), tol)
+    samples = process.sample(oracle, (DRAWS, N), steps, generator=torch.Generator().manual_seed(30 + steps))
+    assert tv(empirical_law(samples), law) < tol, (tv(empirical_law(samples), law), tol)
+
+
 # -- 5. numerics: no NaN at any t in low precision; the reference's log(p + eps) does break ----------
 CASES = [("absorbing", 50), ("absorbing", 51), ("uniform", 50)]  # (state_space, logit columns) with V = 50
 
@@ -596,3 +731,48 @@ def test_reference_log_eps_formulation_breaks(state_space, C):
             ref = _nelbo(state_space, rounded.double(), t)
             bad = _nelbo(state_space, rounded, t, log_eps=1e-20).double()
             assert ((bad - ref).abs() / ref.abs().clamp_min(1.0)).max() > 0.1, t
+
+
+# -- 6. the module's per-state-space defaults --------------------------------------------------------
+def tiny_d3pm(**kwargs):
+    from lightning_md4.modules import D3PM
+    from lightning_md4.nets import TransformerConfig
+
+    return D3PM(V, N, T=6, network=TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16), **kwargs)
+
+
+@pytest.mark.parametrize("state_space,schedule,expected", [
+    ("absorbing", None, "linear"), ("uniform", None, "cosine"),
+    ("uniform", "linear", "linear"), ("absorbing", "cosine", "cosine"),
+])
+def test_module_schedule_defaults_to_austins_per_state_space(state_space, schedule, expected):
+    """``schedule=None``: Austin et al.'s schedule for the state space (absorbing: 1/(T - t + 1),
+    uniform: cosine); an explicit name overrides it. The process's abar_t is the brute-force
+    product of the one-step matrices of that schedule, and the hyper-parameters record the name."""
+    model = tiny_d3pm(state_space=state_space, schedule=schedule)
+    assert model.hparams.schedule == expected
+    process, T = model.process, 6
+    _, _, Qbar = brute_matrices(state_space, T, expected)
+    stay = Qbar[:, 0, 0]  # q(x_t = x0 | x0) = abar_t + (1 - abar_t) pi_x0, with pi_x0 = 0 (absorbing) or 1 / V
+    abar = stay if state_space == "absorbing" else (stay - 1 / V) / (1 - 1 / V)
+    torch.testing.assert_close(process.alpha(torch.arange(T + 1)), abar, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("state_space,hybrid_lambda,expected", [
+    ("absorbing", None, 0.01), ("uniform", None, 0.0), ("uniform", 0.01, 0.01), ("absorbing", 0.001, 0.001),
+])
+def test_module_hybrid_lambda_defaults_to_austins_text_value(state_space, hybrid_lambda, expected):
+    """``hybrid_lambda=None``: Austin et al.'s text setting, L_{lambda=0.01} for absorbing and L_vb
+    (lambda 0) for uniform (their section 5.1 and Table 5); the process gets the resolved value and
+    the hyper-parameters record it."""
+    from lightning_md4.diffusion.d3pm import D3PM_DEFAULTS
+
+    model = tiny_d3pm(state_space=state_space, hybrid_lambda=hybrid_lambda)
+    assert model.hparams.hybrid_lambda == expected and model.process.hybrid_lambda == expected
+    assert {name: (d.schedule, d.hybrid_lambda) for name, d in D3PM_DEFAULTS.items()} == {
+        "absorbing": ("linear", 0.01), "uniform": ("cosine", 0.0)}
+    # make_d3pm keeps the process's own defaults (linear, 0.01); None asks for the table's.
+    assert make_d3pm(V, state_space="uniform").hybrid_lambda == 0.01
+    assert make_d3pm(V, state_space="uniform", hybrid_lambda=None).hybrid_lambda == 0.0
+    with pytest.raises(ValueError, match="unknown schedule 'geometric'"):
+        tiny_d3pm(state_space=state_space, schedule="geometric")

@@ -70,3 +70,33 @@ def test_resuming_an_old_checkpoint_checks_its_state_space():
 def test_new_hyper_parameters_pass_unchanged(make):
     hparams = dict(make().hparams)
     assert upgrade_hparams(hparams) == hparams
+
+
+def test_a_d3pm_checkpoint_from_before_the_schedule_option_keeps_its_linear_schedule(tmp_path):
+    """D3PM had no ``schedule`` before: every run, uniform too, trained on the linear schedule (and
+    saved ``hybrid_lambda``, 0.01 by the old default). Today a uniform D3PM defaults to cosine and
+    lambda 0, so such a checkpoint must load as linear with its lambda: for evaluation (the upgrade
+    fills the key), and into a model built from a config that left both to the default (``md4 test
+    --config``, or resuming); a config that asks for another schedule is refused."""
+    torch.manual_seed(0)
+    model = D3PM(11, 8, T=7, state_space="uniform", schedule="linear", hybrid_lambda=0.01, network=TINY)
+    checkpoint = old_checkpoint(model, D3PM_OLD)
+    del checkpoint["hyper_parameters"]["schedule"]
+    path = tmp_path / "old.ckpt"
+    torch.save(checkpoint, path)
+    loaded = FitCheckpoint.read(path).model("cpu")
+    assert (loaded.hparams.schedule, loaded.hparams.hybrid_lambda) == ("linear", 0.01)
+    assert type(loaded.process.schedule).__name__ == "Linear" and loaded.process.hybrid_lambda == 0.01
+
+    from_config = D3PM(11, 8, T=7, state_space="uniform", network=TINY)
+    assert (from_config.hparams.schedule, from_config.hparams.hybrid_lambda) == ("cosine", 0.0)
+    from_config.on_load_checkpoint(checkpoint)
+    assert (from_config.hparams.schedule, from_config.hparams.hybrid_lambda) == ("linear", 0.01)
+    assert type(from_config.process.schedule).__name__ == "Linear" and from_config.process.hybrid_lambda == 0.01
+    with pytest.raises(CheckpointError, match="its schedule is 'linear', this run's is 'cosine'"):
+        D3PM(11, 8, T=7, state_space="uniform", schedule="cosine", network=TINY).on_load_checkpoint(checkpoint)
+    with pytest.raises(CheckpointError, match="its hybrid_lambda is 0.01, this run's is 0.0"):
+        D3PM(11, 8, T=7, state_space="uniform", hybrid_lambda=0.0, network=TINY).on_load_checkpoint(checkpoint)
+    # Today's checkpoints carry the resolved values, which the upgrade leaves alone.
+    assert upgrade_hparams(dict(from_config.hparams))["schedule"] == "linear"
+    assert upgrade_hparams(dict(D3PM(11, 8, T=7, state_space="uniform", network=TINY).hparams))["schedule"] == "cosine"

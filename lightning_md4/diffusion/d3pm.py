@@ -12,10 +12,16 @@ Kernels, one step ``t = 1..T`` (``pi`` is the stationary law, ``K`` the number o
 
 Schedules (``abar_0 = 1``, ``abar_T = 0`` for both, so the prior KL term is exactly 0):
 
-* ``linear`` (default, both kernels): ``beta_t = 1 / (T - t + 1)``, hence ``abar_t = 1 - t / T``
-  (D3PM's absorbing schedule; with the absorbing kernel it is MD4's linear schedule at T steps).
+* ``linear``: ``beta_t = 1 / (T - t + 1)``, hence ``abar_t = 1 - t / T`` (D3PM's absorbing
+  schedule, which is also its mutual-information schedule for that kernel, Austin et al. App. A.7;
+  with the absorbing kernel it is MD4's linear schedule at T steps).
 * ``cosine``: ``abar_t = f(t) / f(0)``, ``f(t) = cos((t/T + 0.008) / 1.008 * pi/2)``, ``abar_T``
-  set to 0 (the D3PM uniform runs used this cosine/Nichol schedule; we do not clip beta).
+  set to 0 (the cosine/Nichol schedule of Austin et al.'s uniform runs, section 3.2; we do not clip beta).
+
+The process's own defaults are ``linear`` and ``hybrid_lambda = 0.01`` for both kernels (the exact
+tests' setting). Austin et al.'s settings differ by state space; they live in one table,
+:data:`D3PM_DEFAULTS` (absorbing: linear, lambda 0.01; uniform: cosine, lambda 0, i.e. L_vb), which
+``make_d3pm(..., schedule=None, hybrid_lambda=None)`` and the D3PM module's defaults read.
 
 Skipping steps uses ``Q_{t|s} = Q_{s+1} ... Q_t = (abar_t / abar_s) I + (1 - abar_t / abar_s) 1 pi^T``.
 
@@ -32,6 +38,16 @@ The weighting by ``q(x_t | x0~)`` in this sum means the best p~ is not the poste
 in general but ``q(x0 | x_t) / q(x_t | x0)`` (normalised): then p(x_{t-1} | x_t) is the exact
 per-token reverse marginal. For the absorbing kernel at a masked position ``q(x_t = m | x0)`` is
 the same for every x0 and the two coincide; for the uniform kernel they differ.
+
+Sampling is ancestral at every step, the last one (to s = 0) included: each still-noisy token is
+drawn from the model's ``p(x_0 | x_t)`` above, restricted to the real tokens (``q(x_0 = m) = 0``;
+with MD4's V logits the mask already has probability 0 there). Austin et al.'s code takes the argmax
+at the last step instead, a decoding rule and not the model's law: on a coarse grid that step
+decides most tokens, and with the exact denoiser on a 27-sequence toy the argmax sampler's law is
+0.26 (2 steps) and 0.11 (4 steps) in TV from the ancestral one, closer to or farther from the data
+depending on the data. Sampled ancestrally, absorbing D3PM on the linear schedule has exactly MD4's
+output law on any grid, so a comparison of their samples compares the models
+(tests/test_d3pm_exact.py, section 4b).
 
 The network is MD4's: ``denoiser(xt [B, N], t [B]) -> logits [B, N, C]`` with the continuous time
 ``t / T`` in [0, 1] as input. With ``C = V + 1`` (absorbing only) p~ is Austin's softmax over the
@@ -50,6 +66,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -100,7 +117,8 @@ class D3PMProcess(DiffusionProcess):
     ``vocab_size``: V real tokens; ``T``: number of steps; the state space is the subclass
     (:class:`AbsorbingD3PM`, :class:`UniformD3PM`; by name: :func:`make_d3pm`);
     ``hybrid_lambda``: weight of the x0 cross-entropy against ONE term of the bound in ``loss``
-    (Austin et al.'s per-step convention; paper: 0.01 text, 0.001 CIFAR-10);
+    (Austin et al.'s per-step convention; their text values per state space: :data:`D3PM_DEFAULTS`;
+    CIFAR-10 absorbing: 0.001);
     ``schedule``: abar_t = ``schedule.alpha(t / T)`` (default ``Linear``, module docstring; it
     must reach alpha = 0 at t = 1 or ``prior_kl`` counts the rest); ``dtype``: the least precision of the posterior math
     (the network output is upcast to it; float64 outputs stay float64).
@@ -333,22 +351,27 @@ class D3PMProcess(DiffusionProcess):
 
     def step(self, output: Tensor, x: Tensor, active: Tensor, t: Tensor, s: Tensor,
              generator: torch.Generator | None = None) -> Tensor:
-        """Ancestral step with p(x_s | x_t) (``Q_{t|s}`` when the grid skips steps).
+        """Ancestral step: each active token drawn from p(x_s | x_t) (``Q_{t|s}`` when the grid skips steps).
 
-        The last step (to s = 0) is deterministic, as in the reference code: the argmax over the
-        real tokens of the model's p(x0 | x_t). At an absorbing masked position that is the argmax
-        of p~(x0 | x_t) over real tokens (the reference's rule); for the uniform kernel it also
-        weighs each candidate by ``Q_t[x0, x_t]``: under D3PM's parameterisation the best p~ is not
-        the posterior (module docstring), and its own argmax can be far from the data.
+        ``output`` [B, N, C]: the denoiser's logits at ``(x, t)``; ``x`` [B, N] is updated in place
+        at the ``active`` [B, N] positions; ``t > s`` are 0-d float64 times on the grid ``i / T``.
+
+        The last step (to s = 0) draws too, from the model's p(x_0 | x_t) over the real tokens:
+        ``log_posterior`` at s = 0 has ``abar_0 = 1``, so it is ``Q_t[j, x_t] p~(j | x_t)`` normalised
+        (at an absorbing masked position ``Q_t[j, m]`` is the same for every real j, so it is p~ itself;
+        the mask's entry is 0 when p~ gives it 0 and is dropped otherwise, x_0 never being the mask).
+        Austin et al.'s code takes the argmax there instead. We do not: on a coarse grid the last
+        step decides most tokens, and the argmax of each token's p(x_0 | x_t) is not a draw from
+        it, so the output law would be a decoding rule's, not the model's (module docstring).
+        Draws are float64.
         """
         log_x0 = self.x0_log_probs(output[active])
         t_, s_ = (torch.full((log_x0.shape[0],), int(v), dtype=torch.long, device=x.device)
                   for v in (self.step_of(t), self.step_of(s)))
         log_p = self.log_posterior(log_x0, x[active], t_, s_)
         if s == 0:
-            x[active] = log_p[:, :self.vocab_size].argmax(-1)
-        else:
-            x[active] = sample_categorical(log_p.double().exp(), generator)
+            log_p = log_p[:, :self.vocab_size]
+        x[active] = sample_categorical(log_p.double().exp(), generator)
         return x
 
 
@@ -394,12 +417,42 @@ D3PM_PROCESSES: dict[str, type[D3PMProcess]] = {"absorbing": AbsorbingD3PM, "uni
 D3PM_SCHEDULES: dict[str, type[Schedule]] = {"linear": Linear, "cosine": ShiftedCosine}
 
 
-def make_d3pm(vocab_size: int, T: int = 1000, state_space: str = "absorbing", hybrid_lambda: float = 0.01,
-              schedule: str = "linear", dtype: torch.dtype = torch.float32) -> D3PMProcess:
-    """The D3PM process by names: ``state_space`` ``absorbing`` or ``uniform``; ``schedule`` ``linear`` or
-    ``cosine``."""
+@dataclass(frozen=True)
+class D3PMDefaults:
+    """Austin et al.'s setting for one state space (configs/README.md cites each value)."""
+
+    schedule: str  # a key of D3PM_SCHEDULES
+    hybrid_lambda: float  # their text runs' lambda (0: trained on L_vb alone)
+
+
+# The one place the per-state-space defaults live. Austin et al. 2021: the absorbing runs use
+# beta_t = 1/(T - t + 1) (sections 3.2, 6, App. A.7) and L_{lambda=0.01} at text (Table 1; App. B.2
+# Table 5: 1.44 vs 1.47 bits/char with L_vb); the uniform runs use the cosine schedule (section 3.2,
+# App. B.2 Table 6) and L_vb, "L_vb was better for D3PM uniform" (section 5.1; Table 5: 1.61 vs 1.91
+# with L_{lambda=0.01}; LM1B, section 5.2: lambda 0.01 "reduced performance for the other models").
+D3PM_DEFAULTS: dict[str, D3PMDefaults] = {
+    "absorbing": D3PMDefaults(schedule="linear", hybrid_lambda=0.01),
+    "uniform": D3PMDefaults(schedule="cosine", hybrid_lambda=0.0),
+}
+
+
+def d3pm_options(state_space: str, schedule: str | None = None,
+                 hybrid_lambda: float | None = None) -> tuple[str, float]:
+    """``(schedule, hybrid_lambda)`` with each ``None`` replaced by ``D3PM_DEFAULTS[state_space]``'s
+    value; names are checked here, values by the process."""
     if state_space not in D3PM_PROCESSES:
         raise ValueError(f"unknown state_space {state_space!r}; choose one of {sorted(D3PM_PROCESSES)}")
-    if schedule not in D3PM_SCHEDULES:
+    if schedule is not None and schedule not in D3PM_SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(D3PM_SCHEDULES)}")
+    default = D3PM_DEFAULTS[state_space]
+    return (default.schedule if schedule is None else schedule,
+            default.hybrid_lambda if hybrid_lambda is None else hybrid_lambda)
+
+
+def make_d3pm(vocab_size: int, T: int = 1000, state_space: str = "absorbing", hybrid_lambda: float | None = 0.01,
+              schedule: str | None = "linear", dtype: torch.dtype = torch.float32) -> D3PMProcess:
+    """The D3PM process by names: ``state_space`` ``absorbing`` or ``uniform``; ``schedule`` ``linear`` or
+    ``cosine``. ``None`` for ``schedule`` or ``hybrid_lambda``: Austin et al.'s value for the state
+    space (:data:`D3PM_DEFAULTS`); the defaults here are the process's own (linear, 0.01)."""
+    schedule, hybrid_lambda = d3pm_options(state_space, schedule, hybrid_lambda)
     return D3PM_PROCESSES[state_space](vocab_size, T, hybrid_lambda, D3PM_SCHEDULES[schedule](), dtype)

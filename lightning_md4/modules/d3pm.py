@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
 from lightning_md4.diffusion.base import UniformState
-from lightning_md4.diffusion.d3pm import D3PM_PROCESSES, D3PMProcess, StepNoise, make_d3pm
+from lightning_md4.diffusion.d3pm import D3PM_PROCESSES, D3PMProcess, StepNoise, d3pm_options, make_d3pm
 from lightning_md4.diffusion.streams import Stream, keyed_uniform, stream_id
-from lightning_md4.modules.base import DiffusionModule, OptimConfig
+from lightning_md4.modules.base import CheckpointError, DiffusionModule, OptimConfig
+from lightning_md4.modules.legacy import upgrade_hparams
 from lightning_md4.nets import NetworkConfig
 
 
@@ -26,25 +27,62 @@ class D3PM(DiffusionModule):
     Args:
         T: number of diffusion steps (paper: 1000 for text8).
         state_space: ``absorbing`` or ``uniform``.
-        hybrid_lambda: weight of the x0 cross-entropy (0.01 text, 0.001 images).
+        schedule: ``linear`` (abar_t = 1 - t/T, beta_t = 1/(T - t + 1)) or ``cosine`` (Nichol's).
+            None: Austin et al.'s schedule for the state space (``D3PM_DEFAULTS``): linear for
+            absorbing, cosine for uniform.
+        hybrid_lambda: weight of the x0 cross-entropy. None: Austin et al.'s text value for the
+            state space (``D3PM_DEFAULTS``): 0.01 absorbing, 0 uniform (their uniform runs used
+            L_vb); their CIFAR-10 absorbing runs used 0.001.
         exact_test: ``md4 test`` sums all T terms of the bound (D3PM's evaluation; T network passes
             per batch) instead of the one-draw estimate that validation uses. Its forward draws
             are keyed by ``(eval_seed, example index, step)``: a sequence's number does not depend
             on the batch size, the batch order or the number of devices.
         (the rest: see ``DiffusionModule``)
+
+    The hyper-parameters hold the resolved ``schedule`` and ``hybrid_lambda``, so a checkpoint says
+    what its run trained with. A checkpoint whose values differ loads only where this model left
+    them to the default (None): it then takes the checkpoint's (e.g. an old uniform run, trained
+    linear, evaluated or resumed from a config written before the option); an explicit value that
+    differs is refused (``on_load_checkpoint``).
     """
 
     def __init__(self, vocab_size: int, seq_len: int, T: int = 1000,
                  state_space: Literal["absorbing", "uniform"] = "absorbing",
-                 hybrid_lambda: float = 0.01, exact_test: bool = False,
+                 schedule: Literal["linear", "cosine"] | None = None,
+                 hybrid_lambda: float | None = None, exact_test: bool = False,
                  network: NetworkConfig | None = None, optim: OptimConfig | None = None,
                  antithetic: bool = True, seed: int = 0, eval_seed: int = 0) -> None:
+        # Resolved first: a bad name fails before the network is built.
+        resolved_schedule, resolved_lambda = d3pm_options(state_space, schedule, hybrid_lambda)
         super().__init__(vocab_size, seq_len, network, optim, antithetic, seed, eval_seed)
-        self._process = make_d3pm(vocab_size, T=T, state_space=state_space, hybrid_lambda=hybrid_lambda)
+        # Which options a loaded checkpoint may set (those this model left to the default).
+        self._defaulted = {key for key, value in (("schedule", schedule), ("hybrid_lambda", hybrid_lambda))
+                           if value is None}
+        self._build_process(resolved_schedule, resolved_lambda)
+
+    def _build_process(self, schedule: str, hybrid_lambda: float) -> None:
+        hp = self.hparams
+        self.hparams.schedule, self.hparams.hybrid_lambda = schedule, hybrid_lambda
+        self._process = make_d3pm(hp.vocab_size, T=hp.T, state_space=hp.state_space, hybrid_lambda=hybrid_lambda,
+                                  schedule=schedule)
 
     @property
     def process(self) -> D3PMProcess:
         return self._process
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The base's checks, then the schedule and hybrid_lambda: a defaulted one takes the
+        checkpoint's value (the process is rebuilt), an explicit one that differs is refused."""
+        super().on_load_checkpoint(checkpoint)
+        theirs = upgrade_hparams(checkpoint.get("hyper_parameters", {}))
+        wanted = {key: theirs.get(key, self.hparams[key]) for key in ("schedule", "hybrid_lambda")}
+        for key, other in wanted.items():
+            if other != self.hparams[key] and key not in self._defaulted:
+                raise CheckpointError(f"checkpoint was made by another model: its {key} is {other!r}, this run's is "
+                                      f"{self.hparams[key]!r}. Pass --model.init_args.{key}={other} (or leave it "
+                                      "unset) to load it, or drop ckpt_path to start fresh.")
+        if wanted != {key: self.hparams[key] for key in wanted}:
+            self._build_process(wanted["schedule"], wanted["hybrid_lambda"])
 
     def train_objective(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         t, noise = self.train_noise(batch)
