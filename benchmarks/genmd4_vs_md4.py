@@ -5,8 +5,8 @@ For each data set it trains, with the same network (time-conditioned), optimiser
   - GenMD4 with the batch leave-one-out estimator, S steps (1 pass per step: MD4's compute);
   - GenMD4 with the paper's two-sample RLOO estimator, S/2 steps (2 passes per step: same compute)
     and S steps (twice the compute);
-then reports the test NELBO (bits per token, EMA weights, keyed evaluation noise so runs are
-compared on identical draws) and GenMD4's learned exponents for the most and least frequent tokens.
+then reports the test NELBO (bits per token, EMA weights, ``replicas x draws`` keyed evaluation
+draws per sequence with the estimate's measured se: ``benchmarks.scoring``) and GenMD4's learned exponents for the most and least frequent tokens.
 
     python -m benchmarks.genmd4_vs_md4 --steps 600 --corpus ../shared/data/tinyshakespeare.txt
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks.cli_runs import ROOT, markdown_table, train_and_test
+from benchmarks.cli_runs import ROOT, learned_exponents, markdown_table, train
+from benchmarks.scoring import score
 from datamodules import CharDataModule, DigitsDataModule
 
 NET = ["--model.init_args.network.time_conditioning=true"]
@@ -47,7 +48,7 @@ def results_table(results: list[dict]) -> pd.DataFrame:
         "data": [r["data"] for r in results], "run": [r["run"] for r in results],
         "steps": [r["steps"] for r in results], "network passes": [r["passes"] for r in results],
         "fit s": [r["fit_s"] for r in results],
-        "test NELBO (bits/token)": [f"{r['test_bpt']:.4f}" for r in results],
+        "test NELBO (bits/token) +- evaluation se": [f"{r['test_bpt']:.4f} +- {r['eval_se']:.4f}" for r in results],
         "w of most frequent": [exponents(r.get("w_most_frequent")) for r in results],
         "w of least frequent": [exponents(r.get("w_least_frequent")) for r in results],
     })
@@ -59,6 +60,8 @@ def main() -> None:
     p.add_argument("--corpus", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_genmd4"))
     p.add_argument("--datasets", nargs="+", default=["digits", "chars"])
+    p.add_argument("--replicas", type=int, default=4, help="evaluation replicas (eval seeds) per checkpoint")
+    p.add_argument("--draws", type=int, default=8, help="time draws per sequence in each replica")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,8 +81,10 @@ def main() -> None:
         dm = DigitsDataModule() if data == "digits" else CharDataModule(args.corpus, seq_len=128)
         freq, names = token_frequencies(dm)
         for name, overlay, steps in runs:
-            r = train_and_test(out / data / name, [*base, *overlay], steps)
-            r.update(run=name, data=data, passes=steps * (2 if "rloo" in name else 1))
+            ckpt, fit_s = train(out / data / name, [*base, *overlay], steps)
+            test = score(ckpt, args.replicas, args.draws)
+            r = {"run": name, "data": data, "steps": steps, "passes": steps * (2 if "rloo" in name else 1),
+                 "fit_s": fit_s, "test_bpt": test.bpt, "eval_se": test.se, "w": learned_exponents(ckpt)}
             if r["w"] is not None:
                 order = torch.argsort(freq, descending=True).tolist()
                 label = (lambda i: repr(names[i]) if names else str(i))

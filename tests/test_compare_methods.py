@@ -1,0 +1,60 @@
+"""The methods benchmark's statistics against hand computations, and its in-process scoring
+against what `md4 test` prints."""
+
+import math
+import re
+
+import pandas as pd
+import pytest
+
+from benchmarks.scoring import compare, score
+from conftest import ROOT, md4
+
+T_975_2 = 4.302652729911275  # the 97.5% quantile of Student's t with 2 degrees of freedom
+
+
+def test_compare_gives_mean_se_and_paired_t_intervals_by_seed():
+    results = pd.DataFrame({
+        "method": ["MD4"] * 3 + ["X"] * 3,
+        "seed": [0, 1, 2, 2, 0, 1],  # X's seeds out of order: pairs are by seed, not by position
+        "bpt": [3.0, 3.2, 3.4, 3.1, 2.9, 3.0],
+    })
+    table = compare(results, baseline="MD4").set_index("method")
+    assert table.loc["MD4", "mean"] == pytest.approx(3.2)
+    assert table.loc["MD4", "se"] == pytest.approx(0.2 / math.sqrt(3))
+    d = [2.9 - 3.0, 3.0 - 3.2, 3.1 - 3.4]  # X - MD4 at seeds 0, 1, 2
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    half = T_975_2 * sd / math.sqrt(3)
+    assert table.loc["X", "diff"] == pytest.approx(mean)
+    assert table.loc["X", "low"] == pytest.approx(mean - half)
+    assert table.loc["X", "high"] == pytest.approx(mean + half)
+    assert (mean + half < 0) == ("resolved" in table.loc["X", "verdict"])
+
+
+def test_an_interval_across_zero_is_within_noise():
+    results = pd.DataFrame({"method": ["MD4"] * 3 + ["X"] * 3, "seed": [0, 1, 2] * 2,
+                            "bpt": [3.0, 3.2, 3.4, 3.1, 3.1, 3.4]})
+    row = compare(results, baseline="MD4").set_index("method").loc["X"]
+    assert row["low"] < 0 < row["high"]
+    assert row["verdict"].startswith("within noise")
+
+
+@pytest.mark.slow
+def test_score_is_what_md4_test_prints_and_measures_its_own_spread(tmp_path):
+    run = tmp_path / "run"
+    common = ["--config", str(ROOT / "configs" / "digits.yaml"), f"--trainer.default_root_dir={run}",
+              "--trainer.enable_progress_bar=false", "--model.init_args.network.n_layers=1",
+              "--model.init_args.network.d_model=32", "--model.init_args.network.n_heads=2",
+              "--model.init_args.network.d_cond=16"]
+    md4("fit", *common, "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--data.init_args.val_examples=8",
+        cwd=ROOT)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    printed = md4("test", *common, f"--ckpt_path={ckpt}", "--eval_draws=3", cwd=ROOT).stdout
+    nats = float(re.search(r"test: NELBO ([0-9.]+) nats/token", printed).group(1))
+    one = score(ckpt, replicas=1, draws=3)
+    assert one.bpt == pytest.approx(nats / math.log(2), abs=2e-6)  # md4 test prints 6 decimals of nats
+    four = score(ckpt, replicas=4, draws=3)
+    assert four.bpt != one.bpt and 0 < four.sd_one < 0.5  # other eval seeds: other draws, a measured spread
+    assert four.se == pytest.approx(four.sd_one / 2)
+    assert four.exact_bpt is None  # MD4 has no T-term sum
