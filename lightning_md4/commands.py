@@ -197,7 +197,7 @@ def genppl(ckpt_path: str, scorer: str = "gpt2-large", num_samples: PositiveInt 
 
     Args:
         ckpt_path: checkpoint written by md4 fit
-        scorer: causal LM (hub name or local folder), or an AR checkpoint (.ckpt) of md4 fit on the same data and vocabulary
+        scorer: causal LM (hub name or local folder), or an AR checkpoint (.ckpt) of md4 fit on the same data
         num_samples: samples to draw
         steps: sampling steps
         grid: time grid of the sampler

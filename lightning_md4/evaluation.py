@@ -194,7 +194,7 @@ def vocabulary_difference(scorer: dict[str, Any], sampled: dict[str, Any]) -> st
 
     Two tokenizers given by different names are the same when their serialised vocabularies,
     merges and settings are (the fingerprint of :func:`datamodules.tokenizer.load_tokenizer`)."""
-    for key in ("data module", "vocab_size", "vocab", "tokenizer"):
+    for key in ("data module", "vocab", "tokenizer", "vocab_size"):
         mine, theirs = scorer.get(key), sampled.get(key)
         if mine == theirs:
             continue
@@ -233,8 +233,8 @@ def load_ar_scorer(path: str, sampled: FitCheckpoint, device: str) -> AR:
     except CheckpointError as err:
         raise CheckpointError(f"--scorer: {first_line(err)}") from None
     if not issubclass(cls, AR):
-        raise CheckpointError(f"--scorer {path} holds a {cls.__name__} model; a checkpoint scorer must be an AR model "
-                              "(exact next-token likelihoods): train one with md4 fit --model AR on the same data")
+        raise CheckpointError(f"--scorer {path} holds a model of class {cls.__name__}; a checkpoint scorer must be an "
+                              "AR model (exact next-token likelihoods): train one with md4 fit --model AR on the same data")
     difference = vocabulary_difference(vocabulary(scorer), vocabulary(sampled))
     if difference is not None:
         raise CheckpointError(f"--scorer {path} was trained on another vocabulary than {sampled.path}: {difference}; "

@@ -253,7 +253,8 @@ def test_bad_scorer_arguments_are_one_line_errors(tmp_path, corpus):
     assert one_line_error([*genppl, str(tmp_path / "missing.ckpt")]) == (
         f"md4: error: --scorer {tmp_path / 'missing.ckpt'}: no such checkpoint; pass an AR checkpoint of md4 fit "
         "(.ckpt), or a causal language model's hub name or folder")
-    assert "holds a MD4 model; a checkpoint scorer must be an AR model" in one_line_error([*genppl, str(sampled)])
+    message = one_line_error([*genppl, str(sampled)])
+    assert "holds a model of class MD4; a checkpoint scorer must be an AR model" in message
     assert ("trained on another vocabulary than" in (message := one_line_error([*genppl, str(other_chars)]))
             and "its characters differ (only the scorer's: 'd', only the sampled model's: ' ')" in message)
     assert "the same set in another token order" in one_line_error([*genppl, str(reordered)])
@@ -305,7 +306,8 @@ def test_ar_nll_of_long_samples_by_windows():
     scored_to = 12
     while scored_to < 30:
         end = min(scored_to + 4, 30)
-        expected -= model.process.token_log_probs(model.net, longer[:, end - 12 : end])[:, scored_to - end :].sum().item()
+        window = model.process.token_log_probs(model.net, longer[:, end - 12 : end])
+        expected -= window[:, scored_to - end :].sum().item()
         scored_to = end
     assert count == 60 and total == pytest.approx(expected, rel=1e-12)
 
