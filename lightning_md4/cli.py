@@ -12,9 +12,12 @@ torch and Lightning take seconds to import: only the commands that run import th
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import re
 import sys
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,13 @@ LIGHTNING_COMMANDS = {
 
 # TensorBoard's HPARAMS tab reads these scalar tags of the run as its metrics (the last value of each).
 HPARAM_METRICS = ("val/nelbo", "test/nelbo")
+
+# The methods' options that change how a checkpoint is scored, not the model it holds: ``md4
+# validate``/``test`` take them from the command line (or its --config) over the checkpoint's. Every
+# other model option given must equal the checkpoint's (``reconcile_options``).
+EVAL_OPTIONS = ("eval_seed", "exact_test")
+# Model options linked from the data; the model checks them against a checkpoint as it loads one.
+LINKED_OPTIONS = ("vocab_size", "seq_len")
 
 
 class ConfigError(ValueError):
@@ -112,6 +122,10 @@ def lightning_cli(argv: list[str] | None) -> None:
 
         checkpoint_step: int | None = None  # global step of the checkpoint that validate/test score
         run_loggers: list[Any] = []
+        # With --ckpt_path: the model options as parsed, and the dotted keys of those that the
+        # command line and its --config files set (the rest are defaults).
+        parsed_model: Any = None
+        given_model_options: frozenset[str] = frozenset()
 
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
@@ -130,7 +144,20 @@ def lightning_cli(argv: list[str] | None) -> None:
             parser.add_argument("--strict_resume", type=bool, default=False,
                                 help="fit --ckpt_path last: fail when the run has no checkpoint (default: start it)")
 
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            super().parse_arguments(parser, args)
+            command = self.config.get("subcommand")
+            if command is None or self.config[command].get("ckpt_path") is None:
+                return
+            # LightningCLI then puts a checkpoint file's hyper-parameters over every model option
+            # given; before_instantiate_classes undoes that, instantiate_classes reconciles the two.
+            self.parsed_model = self.config[command].model.clone()
+            given = parser.parse_args(args, defaults=False)[command].get("model")
+            self.given_model_options = frozenset(flat_options((given or {}).get("init_args") or {}))
+
         def before_instantiate_classes(self) -> None:
+            if self.parsed_model is not None:
+                self.config[self.subcommand].model = self.parsed_model
             trainer_cfg = self.config[self.subcommand].trainer
             if trainer_cfg.get("precision") is None:
                 trainer_cfg.precision = default_precision()
@@ -151,7 +178,35 @@ def lightning_cli(argv: list[str] | None) -> None:
             except ValueError as err:
                 raise ConfigError(str(err)) from None
             # Before the Trainer runs: it creates the run folder as it starts.
-            self.checkpoint_step = resolve_run_checkpoint(self.subcommand, cfg, self.trainer)
+            checkpoint = resolve_run_checkpoint(self.subcommand, cfg, self.trainer)
+            if checkpoint is None:
+                return
+            self.checkpoint_step = int(checkpoint.get("global_step", 0))
+            if self.subcommand != "fit":  # a resumed fit trains on with the options given
+                self.model = cfg.model = self.checkpoint_model(checkpoint["hyper_parameters"])
+
+        def checkpoint_model(self, saved: dict[str, Any]) -> DiffusionModule:
+            """The model that validate/test score: the checkpoint's, with the evaluation options
+            given (:data:`EVAL_OPTIONS`). Any other model option given (on the command line or in
+            a --config) that differs from the checkpoint's is refused; those not given are the
+            checkpoint's (Lightning's own rule for a checkpoint's hyper-parameters)."""
+            from lightning_md4.modules.legacy import upgrade_hparams
+
+            model, command = self.model, self.subcommand
+            theirs = str(saved.get("_class_path", "")).rsplit(".", 1)[-1]
+            if theirs and theirs != type(model).__name__:
+                raise UsageError(f"--model {type(model).__name__} differs from the checkpoint's {theirs}; "
+                                 f"md4 {command} scores the model the checkpoint holds: pass --model {theirs}")
+            from_checkpoint, conflicts = reconcile_options(dict(model.hparams), upgrade_hparams(saved),
+                                                           self.given_model_options)
+            if conflicts:
+                raise UsageError(conflict_line(command, conflicts))
+            if not from_checkpoint:
+                return model
+            options = with_options({k: v for k, v in model.hparams.items() if not k.startswith("_")}, from_checkpoint)
+            rebuilt = type(model)(**options)
+            rebuilt.configure_evaluation(model.eval_draws, model.eval_T)
+            return rebuilt
 
         def before_fit(self) -> None:
             """Never overwrite an earlier run's checkpoints: a fresh fit needs an empty checkpoint folder."""
@@ -223,14 +278,14 @@ def checkpoint_folders(trainer: Any) -> list[Path]:
     return [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath]
 
 
-def resolve_run_checkpoint(subcommand: str, cfg: Any, trainer: Any) -> int | None:
+def resolve_run_checkpoint(subcommand: str, cfg: Any, trainer: Any) -> dict[str, Any] | None:
     """Check ``--ckpt_path`` against the subcommand and replace ``last``/``best`` with the run's file.
 
     ``last`` and ``best`` take the newest (best) checkpoint that loads, with one stderr line naming
     the ones skipped and why. validate and test need a checkpoint that loads (or
     ``--random_weights``); ``fit --ckpt_path last`` on a run without checkpoints says so and starts
-    it (requeue scripts rely on that) unless ``--strict_resume``. Returns the global step of the
-    checkpoint that validate/test score.
+    it (requeue scripts rely on that) unless ``--strict_resume``. Returns the contents of the
+    checkpoint (None: none, a fresh fit or ``--random_weights``).
 
     Every trainer of the CLI passes here before it runs, so this is also where it gets durable,
     finite checkpoints and a checkpoint on SIGTERM (``checkpointing.install``).
@@ -274,7 +329,7 @@ def resolve_run_checkpoint(subcommand: str, cfg: Any, trainer: Any) -> int | Non
         raise UsageError(f"--ckpt_path {ckpt_path}: {where} holds no checkpoint; train with md4 fit first, "
                          "or pass --ckpt_path FILE")
     cfg["ckpt_path"] = str(path)
-    return int(ckpt.get("global_step", 0))
+    return ckpt
 
 
 def run_checkpoint(folders: list[Path], which: str,
@@ -292,6 +347,93 @@ def run_checkpoint(folders: list[Path], which: str,
         return path, ckpt, skipped
     path, ckpt, more = newest_loadable(best_candidates(ckpt.get("callbacks", {})), load_checkpoint)
     return path, ckpt, skipped + [reason for reason in more if reason not in skipped]
+
+
+def plain(value: Any) -> Any:
+    """``value`` with tuples as lists and Namespaces as dicts, to compare options from YAML and checkpoints."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+def flat_options(options: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested options as dotted keys: ``{"network": {"n_layers": 1}}`` -> ``{"network.n_layers": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in plain(options).items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_options(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def option_differences(mine: Mapping[str, Any], theirs: Mapping[str, Any],
+                       prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """``(dotted key, mine, theirs)`` for each option whose values differ, nested dicts compared key
+    by key; an option that one side lacks (added or removed since) is not compared."""
+    mine, theirs = plain(mine), plain(theirs)
+    for key, value in mine.items():
+        if key not in theirs or value == theirs[key]:
+            continue
+        if isinstance(value, dict) and isinstance(theirs[key], dict):
+            yield from option_differences(value, theirs[key], f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value, theirs[key]
+
+
+def reconcile_options(built: Mapping[str, Any], saved: Mapping[str, Any], given: Iterable[str],
+                      eval_options: Iterable[str] = EVAL_OPTIONS) -> tuple[dict[str, Any], list[tuple[str, Any, Any]]]:
+    """The model options of ``md4 validate``/``test`` against the checkpoint's.
+
+    ``built``: the hyper-parameters of the model built from the command line, defaults included;
+    ``saved``: the checkpoint's; ``given``: the dotted keys that the command line and its --config
+    files set. Returns ``(from_checkpoint, conflicts)``: the checkpoint's value of each differing
+    option that was not given, and ``(key, given value, checkpoint's value)`` of each differing
+    option given that is not an evaluation option (those take effect). Options linked from the
+    data and Lightning's own keys (``_class_path``) are left to the model's checkpoint checks.
+    """
+    given, eval_options = set(given), set(eval_options)
+    from_checkpoint: dict[str, Any] = {}
+    conflicts: list[tuple[str, Any, Any]] = []
+    for key, mine, theirs in option_differences(built, saved):
+        top = key.split(".")[0]
+        if top.startswith("_") or top in LINKED_OPTIONS:
+            continue
+        if not any(key == g or key.startswith(f"{g}.") or g.startswith(f"{key}.") for g in given):
+            from_checkpoint[key] = theirs
+        elif top not in eval_options:
+            conflicts.append((key, mine, theirs))
+    return from_checkpoint, conflicts
+
+
+def with_options(options: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the nested ``options`` with the dotted keys of ``changes`` set."""
+    result = copy.deepcopy(dict(options))
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        node = result
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return result
+
+
+def shown(value: Any) -> str:
+    """An option's value as the command line writes it (true, null, [0.9, 0.99])."""
+    return value if isinstance(value, str) else json.dumps(plain(value))
+
+
+def conflict_line(subcommand: str, conflicts: list[tuple[str, Any, Any]]) -> str:
+    """The error for model options given to validate/test that differ from the checkpoint's."""
+    differ = ", ".join(f"--model.init_args.{key} {shown(mine)} differs from the checkpoint's {shown(theirs)}"
+                       for key, mine, theirs in conflicts)
+    which = "the option" if len(conflicts) == 1 else "these options"
+    return (f"{differ}; md4 {subcommand} scores the model the checkpoint holds: drop {which} (on the command line "
+            f"and in --config) or give the checkpoint's value")
 
 
 def resume_record_name(log_dir: Path) -> str:
