@@ -10,11 +10,8 @@ they are: 3072 tokens for CIFAR-10, 12288 for ImageNet 64x64. Items are
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 import numpy as np
 import torch
@@ -22,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from datamodules.base import DataError, Item, LazyMemmap, TokenDataModule
+from lightning_md4.atomic import atomic_file, atomic_path
 
 LEVELS = 256
 CHANNELS = 3
@@ -210,7 +208,7 @@ class ImageNet64DataModule(ImageDataModule):
             if y.ndim != 1 or y.size == 0 or y.min() < 1 or y.max() > self.num_classes:
                 raise DataError(f"{p}: labels must be 1..{self.num_classes} (1-based). {self.remedy}")
         total = sum(len(y) for y in labels)
-        with _atomic_path(pixels_path) as tmp:
+        with atomic_path(pixels_path) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total, self.seq_len))
             start = 0
             for p, y in zip(sources, labels):
@@ -222,8 +220,8 @@ class ImageNet64DataModule(ImageDataModule):
                 start += len(y)
             out.flush()
             del out
-        with _atomic_path(labels_path) as tmp:
-            np.save(tmp, (np.concatenate(labels) - 1).astype(np.int16))
+        with atomic_file(labels_path) as file:
+            np.save(file, (np.concatenate(labels) - 1).astype(np.int16))
         return pixels_path, labels_path
 
 
@@ -280,16 +278,3 @@ def _fingerprint(paths: Iterable[Path]) -> str:
         stat = Path(p).stat()
         digest.update(f"{Path(p).name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     return digest.hexdigest()[:12]
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[str]:
-    """A temporary file name beside ``path`` that replaces it only when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".npy")
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

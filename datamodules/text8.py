@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import http.client
 import itertools
-import os
-import tempfile
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from torch import Tensor
@@ -25,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from datamodules.base import DataError, LazyMemmap, TokenChunks, TokenCrops, TokenDataModule, decode_chars
+from lightning_md4.atomic import atomic_file
 
 URL = "http://mattmahoney.net/dc/text8.zip"
 ZIP_BYTES = 31_344_016
@@ -119,7 +115,7 @@ class Text8DataModule(TokenDataModule):
                 )
             _download(URL, self.source)
         tokens = _read_text8(self.source, length, self.remedy)
-        with _atomic_file(self.cache) as file:
+        with atomic_file(self.cache) as file:
             np.save(file, tokens)
         return self.cache
 
@@ -172,7 +168,7 @@ def _encode(raw: bytes, source: Path, remedy: str) -> np.ndarray:
 def _download(url: str, dest: Path) -> None:
     """Download ``url`` to ``dest``, which appears only once complete and of the expected size."""
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, _atomic_file(dest) as file:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_file(dest) as file:
             total = int(response.headers.get("Content-Length", 0)) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {url}") as bar:
                 while chunk := response.read(1 << 20):
@@ -187,19 +183,3 @@ def _download(url: str, dest: Path) -> None:
         raise DataError(
             f"could not download {url} to {dest} ({error}). Download it yourself and set {PATH_KEY}."
         ) from error
-
-
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A temporary file beside ``path`` that replaces it only when the block succeeds.
-
-    Readers (and other processes racing to write the same file) never see a partial file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            yield file
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

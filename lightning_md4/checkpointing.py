@@ -20,10 +20,7 @@ script through ``python -m lightning_md4.checkpointing newest RUN_DIR``).
 
 from __future__ import annotations
 
-import errno
-import os
 import sys
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
+from lightning_md4.atomic import atomic_file
 from lightning_md4.modules.base import CheckpointError
 
 # 128 + SIGTERM: what a shell reports for a process that SIGTERM ended; requeue scripts read it as
@@ -47,40 +45,12 @@ PREEMPTED_EXIT_CODE = 143
 
 # -- durable writes ----------------------------------------------------------------------------
 def write_durably(path: Path, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a temporary file beside ``path``, then atomically rename it onto ``path``.
-
-    The temporary file is in the same folder so that the rename never becomes a copy across file
-    systems; it starts with a dot and ends in ``.tmp`` so that no ``*.ckpt`` glob sees it.
+    """``write(file)`` into a temporary file beside ``path``, then atomically rename it onto ``path``
+    (:func:`lightning_md4.atomic.atomic_file`; its hidden ``.tmp`` name is seen by no ``*.ckpt``
+    glob). A checkpoint has one writer, so what killed writes left beside it is removed first.
     """
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f".{path.name}.*.tmp"):  # left by a write that was killed
-        stale.unlink(missing_ok=True)
-    tmp = folder / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    # os.open applies the umask like a plain open would (mkstemp would make the file 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_folder(folder)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` survive a crash of the machine."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:  # some network file systems cannot fsync a folder; the rename is atomic anyway
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
+    with atomic_file(path, "wb", clean_stale=True) as f:
+        write(f)
 
 
 class DurableCheckpointIO(TorchCheckpointIO):

@@ -19,7 +19,6 @@ paused) is reported no more; the worker then gives the result to the trial's rer
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import lightning.pytorch as pl
 import optuna
 import torch
 
+from lightning_md4.atomic import write_atomic
 from sweeps.spec import StudyError, build_pruner, check_objective_metric, redact_secrets
 from sweeps.storage import open_storage, retrying
 
@@ -59,10 +59,7 @@ def read_progress(trial_dir: Path) -> dict[str, Any]:
 
 def write_progress(trial_dir: Path, record: dict[str, Any]) -> None:
     """Replace ``progress.json`` atomically (the worker may read it at any moment)."""
-    path = progress_path(trial_dir)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    write_atomic(progress_path(trial_dir), json.dumps(record))
 
 
 class OptunaTrial(pl.Callback):
