@@ -74,14 +74,18 @@ class UnrepeatedDistributedSampler(DistributedSampler):
 
 
 class LazyMemmap:
-    """The slice ``[start, stop)`` of a 1-D ``.npy`` file, memory-mapped on first access.
+    """Rows ``[start, stop)`` of an array file, memory-mapped on first access.
+
+    A ``.npy`` file (``dtype=None``) carries its dtype and shape. A raw file is read as a 1-D
+    ``dtype`` array: a streamed token cache (:mod:`datamodules.packing`) learns its length only at
+    the end, so it writes raw arrays that its ``meta.json`` describes.
 
     Pickling a ``np.memmap`` copies its whole content, which would ship the data to every
     spawned worker; this object pickles as just a path and reopens the map in each process.
     """
 
-    def __init__(self, path: Path, start: int, stop: int) -> None:
-        self.path, self.start, self.stop = path, start, stop
+    def __init__(self, path: Path, start: int, stop: int, dtype: str | None = None) -> None:
+        self.path, self.start, self.stop, self.dtype = path, start, stop, dtype
         self._array: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -89,7 +93,11 @@ class LazyMemmap:
 
     def __getitem__(self, key: slice) -> np.ndarray:
         if self._array is None:
-            self._array = np.load(self.path, mmap_mode="r")[self.start : self.stop]
+            if self.dtype is None:
+                self._array = np.load(self.path, mmap_mode="r")[self.start : self.stop]
+            else:
+                self._array = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(len(self),),
+                                        offset=self.start * np.dtype(self.dtype).itemsize)
         return self._array[key]
 
     def __getstate__(self) -> dict[str, Any]:

@@ -16,9 +16,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,8 +23,9 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from datamodules.base import DataError, TokenChunks
+from datamodules.base import DataError, LazyMemmap, TokenChunks
 from datamodules.tokenizer import TextTokenizer
+from lightning_md4.atomic import atomic_path
 
 ENCODE_BATCH = 1024  # documents per tokenizer call: large enough to keep every core busy
 FORMAT_VERSION = 1  # bump when the cache layout or the packing rule changes
@@ -77,29 +75,6 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-class LazyRawMemmap:
-    """A raw token file ``dtype[length]``, memory-mapped on first access (pickles as its path).
-
-    The ``.npy`` twin :class:`datamodules.base.LazyMemmap` needs the length up front; a streamed
-    cache learns it only at the end, so the caches here are raw arrays described by ``meta.json``.
-    """
-
-    def __init__(self, path: Path, dtype: str, length: int) -> None:
-        self.path, self.dtype, self.length = path, dtype, length
-        self._array: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        if self._array is None:
-            self._array = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
-        return self._array[key]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_array": None}
-
-
 class BlockCache:
     """The token blocks of named splits, cached under ``root/<name>-<hash of key>``.
 
@@ -139,23 +114,18 @@ class BlockCache:
         meta = self.meta()
         if meta is not None:
             return meta
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f"{self.folder.name}.", suffix=".part"))
+        meta = {"key": self.key, "seq_len": seq_len, "dtype": token_dtype(tokenizer.vocab_size).name, "splits": {}}
         try:
-            meta = {"key": self.key, "seq_len": seq_len, "dtype": token_dtype(tokenizer.vocab_size).name, "splits": {}}
-            for split, (docs, count) in splits.items():
-                with open(tmp / f"{split}.bin", "wb") as out, \
-                        tqdm(total=count, unit="doc", desc=f"Tokenizing {self.folder.name} {split}") as bar:
-                    meta["splits"][split] = pack_documents(docs, tokenizer, seq_len, out, bar)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(self.folder, ignore_errors=True)  # a stale or broken cache of the same key
-            try:
-                os.replace(tmp, self.folder)
-            except OSError:  # another process renamed its identical cache into place first
-                if self.meta() is None:
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            # replaces a stale or broken cache of the same key
+            with atomic_path(self.folder, folder=True) as tmp:
+                for split, (docs, count) in splits.items():
+                    with open(tmp / f"{split}.bin", "wb") as out, \
+                            tqdm(total=count, unit="doc", desc=f"Tokenizing {self.folder.name} {split}") as bar:
+                        meta["splits"][split] = pack_documents(docs, tokenizer, seq_len, out, bar)
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        except FileExistsError:  # another process renamed its identical cache into place first
+            if self.meta() is None:
+                raise
         return meta
 
     def blocks(self, split: str) -> TokenChunks:
@@ -166,7 +136,7 @@ class BlockCache:
                             "(md4 does), or delete the folder to rebuild it")
         seq_len = meta["seq_len"]
         length = meta["splits"][split]["blocks"] * seq_len
-        return TokenChunks(LazyRawMemmap(self.folder / f"{split}.bin", meta["dtype"], length), seq_len)
+        return TokenChunks(LazyMemmap(self.folder / f"{split}.bin", 0, length, dtype=meta["dtype"]), seq_len)
 
 
 def read_documents(path: Path, field: str = "text", per_line: bool = False) -> Iterator[str]:
