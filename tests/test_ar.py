@@ -131,6 +131,8 @@ def test_ar_is_the_shared_transformer_made_causal_without_time_input():
     assert [p.shape for p in model.net.parameters()] == [p.shape for p in same.net.parameters()]
     with pytest.raises(ValueError, match="AR needs the transformer"):
         AR(5, 12, network=UNetConfig())
+    rebuilt = AR(**model.hparams)  # its hyper-parameters are its arguments (md4 test rebuilds it so)
+    assert rebuilt.hparams == model.hparams
 
 
 # -- causality ---------------------------------------------------------------------------------

@@ -33,6 +33,10 @@ class AR(DiffusionModule):
         if net_cfg.time_conditioning:
             rank_zero_info("AR: a next-token model has no time input, so network.time_conditioning is turned off")
         super().__init__(vocab_size, seq_len, replace(net_cfg, causal=True, time_conditioning=False), optim)
+        # The base records its noise options, of which AR has none: its hyper-parameters are its own
+        # arguments, so that AR(**hparams) rebuilds it (as md4 validate/test do from a checkpoint).
+        for key in ("antithetic", "seed", "eval_seed"):
+            self.hparams.pop(key, None)
         self._process = Autoregressive(vocab_size)
 
     @property
