@@ -7,9 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
+
+# The benchmark scripts' tables: cells kept as formatted (tabulate would reprint 3.6000 as 3.6).
+from lightning_md4.tables import markdown_table  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,8 +43,3 @@ def learned_exponents(ckpt: Path) -> list[float] | None:
     """GenMD4's per-token exponents w in a checkpoint; None for a model without them."""
     raw = torch.load(ckpt, weights_only=True)["state_dict"].get("schedule.raw")
     return F.softplus(raw).tolist() if raw is not None else None
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    """``table`` as markdown with its cells as formatted (tabulate would reprint 3.6000 as 3.6)."""
-    return table.to_markdown(index=False, disable_numparse=True)

@@ -52,6 +52,7 @@ from lightning.pytorch.cli import instantiate_class
 
 from datamodules.base import per_device_batch
 from lightning_md4.callbacks import SampleLogger
+from lightning_md4.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "owt_tiny.yaml"
@@ -476,12 +477,12 @@ def report(meta: dict[str, Any], train: pd.DataFrame, sampling: dict[str, Any] |
     shape = meta["shape"]
     text = (f"{' + '.join(meta['config'])} on {meta['device_name']}, {meta['threads']} threads, "
             f"matmul peak {meta['peak_flops'] / 1e12:.2f} TFLOP/s, load average {meta['load_average']['start']:.2f}"
-            f" -> {meta['load_average']['end']:.2f}\n\n" + train.to_markdown(index=False))
+            f" -> {meta['load_average']['end']:.2f}\n\n" + markdown_table(train))
     if sampling is not None:
         text += (f"\n\nSampling: batch {shape['sample_batch']} x {shape['seq_len']} tokens, {shape['sample_steps']} "
                  f"steps, {shape['sample_grid']} grid, untrained network without t; process memory "
                  f"{sampling['rss_before_model_gib']:.2f} GiB before the model, peak {sampling['peak_rss_gib']:.2f} GiB"
-                 "\n\n" + sample_table(sampling["rows"]).to_markdown(index=False))
+                 "\n\n" + markdown_table(sample_table(sampling["rows"])))
     return text + "\n"
 
 

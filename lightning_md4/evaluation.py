@@ -30,6 +30,7 @@ from datamodules.zeroshot import ZeroShotDataModule
 from lightning_md4.checkpoints import FitCheckpoint, first_line, resolve_class
 from lightning_md4.modules.ar import AR
 from lightning_md4.modules.base import CheckpointError, DiffusionModule
+from lightning_md4.tables import markdown_table
 
 
 @dataclass
@@ -55,12 +56,10 @@ def perplexity(total_nats: float, total_tokens: int) -> float:
 def format_table(rows: Sequence[ZeroShotRow], title: str) -> str:
     """A Markdown table: data set, tokens, NELBO (nats/token), bits per token, perplexity, time draws."""
     bound = "continuous" if rows[0].T is None else f"T={rows[0].T}"
-    lines = [f"{title} ({bound} NELBO upper bound)", "",
-             "| data set | tokens | NELBO (nats/token) | bits/token | perplexity | time draws |",
-             "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r.data} | {r.tokens:,} | {r.nelbo:.4f} | {r.nelbo / math.log(2):.4f} | {r.perplexity:.2f} | "
-              f"{r.draws} |" for r in rows]
-    return "\n".join(lines)
+    table = markdown_table([{"data set": r.data, "tokens": f"{r.tokens:,}", "NELBO (nats/token)": f"{r.nelbo:.4f}",
+                             "bits/token": f"{r.nelbo / math.log(2):.4f}", "perplexity": f"{r.perplexity:.2f}",
+                             "time draws": r.draws} for r in rows], align="-rrrrr", pad=False)
+    return f"{title} ({bound} NELBO upper bound)\n\n{table}"
 
 
 # -- zero-shot -------------------------------------------------------------------------------

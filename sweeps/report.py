@@ -31,6 +31,7 @@ import pandas as pd
 from optuna.trial import TrialState
 from scipy import stats
 
+from lightning_md4.tables import format_cell, markdown_table
 from sweeps.spec import StudySpec
 from sweeps.worker import SURPLUS, counted_trials
 
@@ -69,21 +70,9 @@ def result_rows(study: optuna.Study, spec: StudySpec) -> list[dict[str, Any]]:
     return rows
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}" if math.isfinite(value) else str(value)
-    return str(value).replace("|", "\\|")
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "(no trials)\n"
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_cell(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+def trials_table(rows: list[dict[str, Any]]) -> str:
+    """The per-trial Markdown table, one unpadded line per trial (the CLI prints it; tools grep it)."""
+    return markdown_table(rows, floatfmt=".6g", pad=False) + "\n" if rows else "(no trials)\n"
 
 
 def _seed_key(seed: Any) -> str:
@@ -129,7 +118,7 @@ def seed_observations(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
     for _, trial in trials.iterrows():
         configuration = {n: trial[f"params_{n}"] for n in names if not _missing(trial[f"params_{n}"])}
         row = {"number": trial["number"], "state": trial["state"],
-               CONFIGURATION: ", ".join(f"{n}={_cell(v)}" for n, v in configuration.items()), **configuration}
+               CONFIGURATION: ", ".join(f"{n}={format_cell(v, '.6g')}" for n, v in configuration.items()), **configuration}
         finished = trial["state"] == TrialState.COMPLETE.name
         per_seed = trial.get(f"user_attrs_{SEED_VALUES}")
         if finished and isinstance(per_seed, dict):
@@ -274,7 +263,7 @@ def statistics_sections(observations: pd.DataFrame, spec: StudySpec) -> tuple[st
         table = configuration_stats(observations, metric)
         per_configuration.append(table.assign(metric=metric))
         text += [f"## {metric} ({objective.direction}) per configuration, over seeds\n",
-                 table.to_markdown(floatfmt=FLOAT_FORMAT), "",
+                 markdown_table(table, index=True, floatfmt=FLOAT_FORMAT), "",
                  "sd: standard deviation over the finished seeds (n - 1); se = sd / sqrt(n). Pruned and failed "
                  "trials are counted, not averaged.\n"]
         if not baseline:
@@ -286,7 +275,7 @@ def statistics_sections(observations: pd.DataFrame, spec: StudySpec) -> tuple[st
         differences = paired_table(observations, metric, label, objective.direction)
         paired.append(differences.assign(metric=metric, baseline=label))
         text += [f"## {metric}: paired difference against the baseline {label}\n",
-                 differences.to_markdown(floatfmt=FLOAT_FORMAT), "",
+                 markdown_table(differences, index=True, floatfmt=FLOAT_FORMAT), "",
                  f"difference: configuration - baseline on the same seed, mean over the seeds both finished "
                  f"(unpaired seeds are left out); low, high: the {LEVEL:.0%} interval mean +- t se, t the "
                  f"t-distribution's {(1 + LEVEL) / 2} quantile with n - 1 degrees of freedom.\n"]
@@ -300,9 +289,8 @@ def write_report(study: optuna.Study, spec: StudySpec) -> str:
 
     results.md: the per-trial table and the statistics; results.csv: the per-trial table;
     trials.csv: ``study.trials_dataframe()`` as is (every attribute); configurations.csv and
-    differences.csv: the statistics; PNG plots. The per-trial Markdown table is written by hand
-    (``markdown_table``) so that it keeps one unpadded row per trial that the CLI prints and tools
-    grep; the statistics tables are pandas' ``to_markdown``.
+    differences.csv: the statistics; PNG plots. The per-trial Markdown table keeps one unpadded row
+    per trial (``trials_table``) that the CLI prints and tools grep; the statistics tables are padded.
     """
     out = Path(spec.study_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,7 +301,7 @@ def write_report(study: optuna.Study, spec: StudySpec) -> str:
     statistics, per_configuration, paired = statistics_sections(observations, spec)
     per_configuration.to_csv(out / "configurations.csv")
     paired.to_csv(out / "differences.csv")
-    report = f"# Study {spec.name}\n\n## Trials\n\n{markdown_table(rows)}\n{statistics}"
+    report = f"# Study {spec.name}\n\n## Trials\n\n{trials_table(rows)}\n{statistics}"
     (out / "results.md").write_text(report)
     notes = write_plots(study, spec, out, observations)
     return report + "".join(f"\n{n}" for n in notes)

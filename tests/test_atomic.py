@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
+from conftest import ROOT
 from lightning_md4.atomic import atomic_file, atomic_path, write_atomic
-
-ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_file_appears_whole_and_an_error_keeps_the_old_content(tmp_path):
@@ -94,4 +93,4 @@ def test_another_process_that_renamed_its_folder_first_is_reported(tmp_path, mon
 
 def test_it_imports_no_torch():
     code = "import sys, lightning_md4.atomic\nassert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT_DIR, check=True)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -22,7 +22,7 @@ import yaml
 from optuna.trial import TrialState
 
 from sweeps.callback import read_progress
-from sweeps.report import markdown_table, result_rows
+from sweeps.report import result_rows, trials_table
 from sweeps.spec import StudyError, load_spec, make_pruner, make_sampler, parse_spec
 from sweeps.storage import open_storage
 from sweeps.worker import SURPLUS, build_command, counted_trials, storage_url
@@ -142,7 +142,7 @@ def test_counted_trials_skip_retried_and_surplus_trials():
     spec = parse_spec(yaml.safe_load(write_study_text()), ROOT)
     rows = result_rows(study, spec)
     assert [r["note"] for r in rows] == ["worker died (heartbeat lapsed)", "rerun of trial 0", "boom"]
-    assert markdown_table(rows).count("\n") == 2 + 3
+    assert trials_table(rows).count("\n") == 2 + 3
 
 
 def write_study_text() -> str:
