@@ -60,19 +60,16 @@ def score(ckpt: str | Path, replicas: int = 4, draws: int = 8, exact_examples: i
     model = fit.model("cpu").eval()
     datamodule = fit.datamodule()
     datamodule.setup("test")
-    exact_likelihood = "eval_seed" not in model.hparams  # AR: no draws to average, no spread
-    if exact_likelihood:
-        replicas, draws = 1, 1
     model.configure_evaluation(draws=draws)
-    base_seed = model.hparams.get("eval_seed", 0)
+    base_seed = model.hparams.eval_seed
     per_replica = []
     for r in range(replicas):
-        if not exact_likelihood:
-            model.hparams.eval_seed = base_seed + r  # another keyed stream per replica
+        model.hparams.eval_seed = base_seed + r  # another keyed stream per replica (AR's exact NLL: the same)
         per_replica.append(torch.cat([model.eval_nelbo(batch) / batch["x0"].shape[1]
                                       for batch in datamodule.test_dataloader()]))
     means = torch.stack(per_replica).mean(1) / LN2  # [replicas] bits per token
-    sd_one = 0.0 if exact_likelihood else float(means.std()) if replicas > 1 else math.nan
+    model.hparams.eval_seed = base_seed
+    sd_one = float(means.std()) if replicas > 1 else math.nan
     exact_bpt = drawn_bpt = None
     if exact_examples and hasattr(model, "exact_test_noise"):
         totals = []
