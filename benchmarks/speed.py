@@ -52,6 +52,7 @@ from lightning.pytorch.cli import instantiate_class
 
 from datamodules.base import per_device_batch
 from lightning_md4.callbacks import SampleLogger
+from lightning_md4.modules.registry import method_names
 from lightning_md4.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,8 @@ LEVERS: list[tuple[str, dict[str, Any]]] = [
     ("chunked float32 cross-entropy", {"ce_chunked": True}),
 ]
 MD4_ONLY_LEVERS = ("logits_at", "ce_chunked")
-METHODS = ("MD4", "GenMD4", "SEDD", "D3PM")
+# Every registered method (lightning_md4/modules/registry.py), MD4 first: its rows carry the levers.
+METHODS = ("MD4", *(name for name in method_names() if name != "MD4"))
 TRAIN_COLUMNS = ["method", "levers", "params", "batch x seq", "steps/s", "tokens/s", "MFU %", "peak memory GiB",
                  "vs first row", "CPU s/step"]
 SAMPLE_COLUMNS = ["output cache", "compile", "seconds", "tokens/s", "network evaluations", "speed-up vs off",

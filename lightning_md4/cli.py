@@ -17,15 +17,18 @@ import json
 import math
 import re
 import sys
+import textwrap
+from argparse import RawDescriptionHelpFormatter
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from docstring_parser import parse as parse_docstring
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, DefaultHelpFormatter
 
 from lightning_md4.checkpoints import default_precision, first_line, load_checkpoint
 from lightning_md4.commands import COMMANDS, UsageError
+from lightning_md4.modules.registry import DEFAULT_EVAL_OPTIONS, method_names, method_of, methods
 
 # LightningCLI's subcommands (no predict: the models have no predict_step) with their line of
 # ``md4 --help``; LightningCLI itself parses their options.
@@ -38,10 +41,10 @@ LIGHTNING_COMMANDS = {
 # TensorBoard's HPARAMS tab reads these scalar tags of the run as its metrics (the last value of each).
 HPARAM_METRICS = ("val/nelbo", "test/nelbo")
 
-# The methods' options that change how a checkpoint is scored, not the model it holds: ``md4
+# The methods' options that change how a checkpoint is scored, not the model it holds, are declared
+# by each method (``eval_options`` of its registration, :mod:`lightning_md4.modules.registry`): ``md4
 # validate``/``test`` take them from the command line (or its --config) over the checkpoint's. Every
 # other model option given must equal the checkpoint's (``reconcile_options``).
-EVAL_OPTIONS = ("eval_seed", "exact_test")
 # Model options linked from the data; the model checks them against a checkpoint as it loads one.
 LINKED_OPTIONS = ("vocab_size", "seq_len")
 
@@ -50,15 +53,18 @@ class ConfigError(ValueError):
     """A configuration value that its class refused when the CLI built the model, data or trainer."""
 
 
+class TopHelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """``md4 --help``: the description and the list of methods printed as written, one method a line."""
+
+
 def command_parser() -> ArgumentParser:
     """The parser of ``md4``: every command with its line of help; the options of the commands of
     :data:`COMMANDS` from their signatures and docstrings."""
-    parser = ArgumentParser(prog="md4", exit_on_error=False, allow_abbrev=False,
-                            description="Masked discrete diffusion: train and score with Lightning's Trainer "
-                                        "(fit, validate, test: --config YAML, then --section.key value overrides), "
-                                        "then sample and evaluate a checkpoint of md4 fit.",
-                            epilog="Methods (--model): MD4, GenMD4, SEDD, D3PM, MDLM, AR. "
-                                   "md4 COMMAND --help lists the options of a command.")
+    description = textwrap.fill("Masked discrete diffusion: train and score with Lightning's Trainer (fit, validate, "
+                                "test: --config YAML, then --section.key value overrides), then sample and evaluate "
+                                "a checkpoint of md4 fit.", width=100)
+    parser = ArgumentParser(prog="md4", exit_on_error=False, allow_abbrev=False, description=description,
+                            epilog=methods_epilog(), formatter_class=TopHelpFormatter)
     subcommands = parser.add_subcommands(dest="command", required=True)
     for name, help_line in LIGHTNING_COMMANDS.items():
         subcommands.add_subcommand(name, ArgumentParser(description=help_line), help=help_line)
@@ -71,6 +77,15 @@ def command_parser() -> ArgumentParser:
         sub.add_function_arguments(function, as_group=False, as_positional=False)
         subcommands.add_subcommand(name, sub, help=doc.short_description)
     return parser
+
+
+def methods_epilog() -> str:
+    """The end of ``md4 --help``: every registered method with what it supports (read from the
+    registry, which does not import torch)."""
+    width = max(len(method.name) for method in methods()) + 4
+    lines = [line for method in methods()
+             for line in (f"  {method.name:<{width - 2}}{method.summary}", f"{'':<{width}}{method.capabilities()}")]
+    return "\n".join(["Methods (--model NAME):", *lines, "", "md4 COMMAND --help lists the options of a command."])
 
 
 def run_command(argv: list[str]) -> None:
@@ -93,6 +108,9 @@ def lightning_cli(argv: list[str] | None) -> None:
 
     from datamodules.base import TokenDataModule
     from lightning_md4.modules.base import CheckpointError, DiffusionModule
+    from lightning_md4.modules.registry import load_all
+
+    load_all()  # every method's class, so that --model NAME resolves to it
 
     class RunRecord(SaveConfigCallback):
         """The run's record: ``config.yaml`` written once, by the fit that starts the run, with the
@@ -187,18 +205,16 @@ def lightning_cli(argv: list[str] | None) -> None:
 
         def checkpoint_model(self, saved: dict[str, Any]) -> DiffusionModule:
             """The model that validate/test score: the checkpoint's, with the evaluation options
-            given (:data:`EVAL_OPTIONS`). Any other model option given (on the command line or in
+            given (:func:`eval_options`). Any other model option given (on the command line or in
             a --config) that differs from the checkpoint's is refused; those not given are the
             checkpoint's (Lightning's own rule for a checkpoint's hyper-parameters)."""
-            from lightning_md4.modules.legacy import upgrade_hparams
-
             model, command = self.model, self.subcommand
             theirs = str(saved.get("_class_path", "")).rsplit(".", 1)[-1]
             if theirs and theirs != type(model).__name__:
                 raise UsageError(f"--model {type(model).__name__} differs from the checkpoint's {theirs}; "
                                  f"md4 {command} scores the model the checkpoint holds: pass --model {theirs}")
-            from_checkpoint, conflicts = reconcile_options(dict(model.hparams), upgrade_hparams(saved),
-                                                           self.given_model_options)
+            from_checkpoint, conflicts = reconcile_options(dict(model.hparams), model.upgrade_hparams(saved),
+                                                           self.given_model_options, eval_options(model))
             if conflicts:
                 raise UsageError(conflict_line(command, conflicts))
             if not from_checkpoint:
@@ -386,15 +402,15 @@ def option_differences(mine: Mapping[str, Any], theirs: Mapping[str, Any],
 
 
 def reconcile_options(built: Mapping[str, Any], saved: Mapping[str, Any], given: Iterable[str],
-                      eval_options: Iterable[str] = EVAL_OPTIONS) -> tuple[dict[str, Any], list[tuple[str, Any, Any]]]:
+                      eval_options: Iterable[str] = DEFAULT_EVAL_OPTIONS) -> tuple[dict[str, Any], list[tuple[str, Any, Any]]]:
     """The model options of ``md4 validate``/``test`` against the checkpoint's.
 
     ``built``: the hyper-parameters of the model built from the command line, defaults included;
     ``saved``: the checkpoint's; ``given``: the dotted keys that the command line and its --config
     files set. Returns ``(from_checkpoint, conflicts)``: the checkpoint's value of each differing
     option that was not given, and ``(key, given value, checkpoint's value)`` of each differing
-    option given that is not an evaluation option (those take effect). Options linked from the
-    data and Lightning's own keys (``_class_path``) are left to the model's checkpoint checks.
+    option given that is not an evaluation option (those take effect; ``eval_options``: the
+    method's, :func:`eval_options`). Options linked from the data and Lightning's own keys (``_class_path``) are left to the model's checkpoint checks.
     """
     given, eval_options = set(given), set(eval_options)
     from_checkpoint: dict[str, Any] = {}
@@ -408,6 +424,14 @@ def reconcile_options(built: Mapping[str, Any], saved: Mapping[str, Any], given:
         elif top not in eval_options:
             conflicts.append((key, mine, theirs))
     return from_checkpoint, conflicts
+
+
+def eval_options(model: Any) -> tuple[str, ...]:
+    """The options of ``model``'s method that ``md4 validate``/``test`` take from the command line
+    over the checkpoint's: they change how a checkpoint is scored, not the model it holds (each
+    method declares them in its registration; D3PM adds ``exact_test``)."""
+    method = method_of(model)
+    return method.eval_options if method is not None else DEFAULT_EVAL_OPTIONS
 
 
 def with_options(options: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -446,21 +470,14 @@ def resume_record_name(log_dir: Path) -> str:
 
 def run_hparams(model: Any, datamodule: Any) -> dict[str, Any]:
     """What tells runs apart in TensorBoard's HPARAMS tab: method, schedule, network size, learning rate."""
-    hp, net = model.hparams, model.net.cfg
-    if "T" in hp:  # D3PM: the resolved schedule (its default depends on the state space)
-        schedule = f"{hp.schedule}, {hp.state_space}, T={hp.T}"
-    elif "state_space" in hp:  # SEDD
-        schedule = f"{hp.schedule} noise, {hp.state_space}"
-    elif "schedule" in hp:
-        schedule = hp.schedule
-    else:
-        schedule = "learned per token"
+    net = model.net.cfg
+    method = method_of(model)
     if getattr(net, "kind", None) == "unet":
         network = f"unet {net.channels} channels x {net.res_blocks} blocks"
     else:
         network = f"transformer {net.n_layers} layers x {net.d_model}"
-    return {"method": type(model).__name__, "schedule": schedule, "network": network,
-            "parameters": sum(p.numel() for p in model.parameters()), "lr": float(model.optim_cfg.lr),
+    return {"method": method.name if method else type(model).__name__, "schedule": model.schedule_summary(),
+            "network": network, "parameters": sum(p.numel() for p in model.parameters()), "lr": float(model.optim_cfg.lr),
             "data": type(datamodule).__name__}
 
 
@@ -491,13 +508,10 @@ def check_method_argument(argv: list[str]) -> None:
     names = [value for value in option_values(argv, "--model") if value.isidentifier()]
     if not names:
         return
-    from lightning_md4 import modules
-
-    methods = [name for name in modules.__all__ if isinstance(getattr(modules, name), type)
-               and issubclass(getattr(modules, name), modules.DiffusionModule) and name != "DiffusionModule"]
+    known = method_names()  # the registry: no torch import
     for name in names:
-        if name not in methods:
-            raise UsageError(f"--model {name} is not a method; choose one of {', '.join(methods)}")
+        if name not in known:
+            raise UsageError(f"--model {name} is not a method; choose one of {', '.join(known)}")
 
 
 def main(argv: list[str] | None = None) -> None:

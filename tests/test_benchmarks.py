@@ -12,6 +12,7 @@ import yaml
 
 from benchmarks import cli_runs, compare_methods, genmd4_vs_md4, speed
 from datamodules.base import DataError
+from lightning_md4.modules.registry import method_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +117,8 @@ def test_other_methods_take_only_the_shared_init_args(tmp_path: Path) -> None:
 def test_lever_chain_one_row_per_method() -> None:
     """MD4's levers accumulate; the other methods get one row each, without MD4's loss levers."""
     chain = speed.lever_chain(speed.METHODS, len(speed.LEVERS))
-    assert [m for m, _, _ in chain] == ["MD4"] * len(speed.LEVERS) + ["GenMD4", "SEDD", "D3PM"]
+    assert sorted(speed.METHODS) == sorted(method_names())  # every registered method, MD4 first
+    assert [m for m, _, _ in chain] == ["MD4"] * len(speed.LEVERS) + list(speed.METHODS[1:])
     assert chain[len(speed.LEVERS) - 1][2]["ce_chunked"] and chain[len(speed.LEVERS) - 1][2]["compile"]
     for _, _, levers in chain[len(speed.LEVERS):]:
         assert levers["compile"] and not set(levers) & set(speed.MD4_ONLY_LEVERS)

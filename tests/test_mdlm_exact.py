@@ -8,7 +8,7 @@ import torch
 
 from exact import ExactDenoiser, empirical_tv, random_distribution
 from lightning_md4.diffusion.schedules import Linear, LogLinear
-from lightning_md4.modules.mdlm import SubsMaskedDiffusion
+from lightning_md4.diffusion.subs import SubsMaskedDiffusion
 
 V, N = 3, 3
 CONFIGS, PROBS = random_distribution(V, N, seed=0)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import md4
-from lightning_md4.cli import (EVAL_OPTIONS, conflict_line, flat_options, main, reconcile_options,
-                               with_options)
+from lightning_md4.cli import conflict_line, eval_options, flat_options, main, reconcile_options, with_options
+from lightning_md4.modules.registry import methods
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")
@@ -77,13 +77,13 @@ def test_linked_lightning_and_one_sided_options_are_left_to_the_model():
     assert reconcile_options(built, saved, flat_options(built)) == ({}, [])
 
 
-def test_evaluation_options_are_options_of_the_methods():
-    from lightning_md4 import modules
-
-    methods = [getattr(modules, name) for name in modules.__all__ if isinstance(getattr(modules, name), type)
-               and issubclass(getattr(modules, name), modules.DiffusionModule)]
-    parameters = {name for method in methods for name in inspect.signature(method).parameters}
-    assert set(EVAL_OPTIONS) <= parameters
+def test_evaluation_options_are_each_methods_own_options():
+    """Each method declares its evaluation options (registry); md4 validate/test read the model's."""
+    for method in methods():
+        assert set(method.eval_options) <= set(inspect.signature(method.cls).parameters), method.name
+        assert eval_options(method.cls) == method.eval_options
+    assert {m.name: m.eval_options for m in methods() if m.name in ("MD4", "D3PM", "AR")} == {
+        "AR": (), "D3PM": ("eval_seed", "exact_test"), "MD4": ("eval_seed",)}
 
 
 # -- md4 test and validate on checkpoints, in subprocesses -----------------------------------------

@@ -6,7 +6,8 @@ from lightning_md4.diffusion.d3pm import AbsorbingD3PM, D3PMProcess, UniformD3PM
 from lightning_md4.diffusion.generalized import GenMaskedDiffusion, PerTokenSchedule
 from lightning_md4.diffusion.masked import MaskedDiffusion, masked_cross_entropy
 from lightning_md4.diffusion.sedd import AbsorbingSEDD, ScoreEntropyDiffusion, UniformSEDD, make_sedd
+from lightning_md4.diffusion.subs import SubsMaskedDiffusion
 
 __all__ = ["AbsorbingD3PM", "AbsorbingSEDD", "AbsorbingState", "D3PMProcess", "DiffusionProcess", "GenMaskedDiffusion",
-           "MaskedDiffusion", "PerTokenSchedule", "ScoreEntropyDiffusion", "UniformD3PM", "UniformSEDD", "UniformState",
+           "MaskedDiffusion", "PerTokenSchedule", "ScoreEntropyDiffusion", "SubsMaskedDiffusion", "UniformD3PM", "UniformSEDD", "UniformState",
            "make_d3pm", "make_sedd", "masked_cross_entropy", "sample"]

@@ -18,9 +18,13 @@ from torch import Tensor
 
 from lightning_md4.diffusion.autoregressive import Autoregressive
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
+from lightning_md4.modules.registry import register_method
 from lightning_md4.nets import NetworkConfig, UNetConfig, network_config
 
 
+# No noise and no time input; its likelihood is exact, so it has no evaluation noise to seed.
+@register_method(process="lightning_md4.diffusion.autoregressive", state_spaces=("causal",),
+                 samplers=("left-to-right",), eval_options=(), summary="autoregressive baseline, causal transformer")
 class AR(DiffusionModule):
     """Next-token prediction. The network config is the shared transformer's with ``causal`` on and
     ``time_conditioning`` off (both set here, whatever the config says). Args: see ``DiffusionModule``."""
@@ -42,6 +46,9 @@ class AR(DiffusionModule):
     @property
     def process(self) -> Autoregressive:
         return self._process
+
+    def schedule_summary(self) -> str:
+        return "none (left to right)"
 
     def configure_evaluation(self, draws: int = 1, T: int | None = None) -> None:
         if T is not None:

@@ -1,7 +1,9 @@
 """The LightningModule glue every method shares: network, optimiser, noise, metrics, sampling.
 
-A method subclass provides ``process`` (its math object) and, if its training objective differs
-from ``process.nelbo``, overrides ``train_objective``.
+A method subclass registers itself (``@register_method``, :mod:`lightning_md4.modules.registry`),
+provides ``process`` (its math object) and, if its training objective differs from
+``process.nelbo``, overrides ``train_objective``; ``schedule_summary`` and ``upgrade_hparams`` if its
+schedule or its checkpoints' history need them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from lightning_md4.conditioning import ClassConditioned
 from lightning_md4.nets import NetworkConfig, build_network, network_config
 from lightning_md4.diffusion.base import DiffusionProcess, sample
 from lightning_md4.diffusion.sampling import Denoiser, time_grid
-from lightning_md4.modules.legacy import upgrade_hparams
+from lightning_md4.modules.registry import method_of
 
 
 class CheckpointError(ValueError):
@@ -99,9 +101,21 @@ class DiffusionModule(pl.LightningModule):
 
     def posterior_depends_on_time(self) -> bool:
         """Whether the optimal denoiser E[x0 | x_t] changes with t at a fixed x_t; then a network
-        that does not see t cannot reach it. Subclasses read their options from ``self.hparams``
-        (``save_hyperparameters`` has filled it before the network is built)."""
-        return False
+        that does not see t cannot reach it. Declared by the method's registration (``time_dependent``),
+        for the ``state_space`` option if it has one (``save_hyperparameters`` has filled
+        ``self.hparams`` before the network is built)."""
+        method = method_of(type(self))
+        return method is not None and method.posterior_depends_on_time(self.hparams.get("state_space"))
+
+    def schedule_summary(self) -> str:
+        """How TensorBoard's HPARAMS tab names the noise schedule of this run (``run_hparams``)."""
+        return str(self.hparams.get("schedule", "none"))
+
+    @classmethod
+    def upgrade_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint upgrade hook: a checkpoint's hyper-parameters, saved under older names,
+        under today's (see :mod:`lightning_md4.modules.legacy`). None by default."""
+        return dict(hparams)
 
     @property
     def num_classes(self) -> int:
@@ -296,7 +310,7 @@ class DiffusionModule(pl.LightningModule):
     # -- checkpoints -----------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model with an error that names the difference."""
-        theirs = upgrade_hparams(checkpoint.get("hyper_parameters", {}))
+        theirs = self.upgrade_hparams(checkpoint.get("hyper_parameters", {}))
         # Through the config class, so a checkpoint saved before a field was added compares with its default.
         their_net = asdict(network_config(theirs.get("network")))
         state_space = self.hparams.get("state_space")

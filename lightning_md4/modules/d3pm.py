@@ -6,14 +6,19 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from lightning_md4.diffusion.base import UniformState
-from lightning_md4.diffusion.d3pm import D3PM_PROCESSES, D3PMProcess, StepNoise, d3pm_options, make_d3pm
+from lightning_md4.diffusion.d3pm import D3PMProcess, StepNoise, d3pm_options, make_d3pm
 from lightning_md4.diffusion.streams import Stream, keyed_uniform, stream_id
 from lightning_md4.modules.base import CheckpointError, DiffusionModule, OptimConfig
-from lightning_md4.modules.legacy import upgrade_hparams
+from lightning_md4.modules.legacy import rename_options
+from lightning_md4.modules.registry import register_method
 from lightning_md4.nets import NetworkConfig
 
 
+# Uniform kernel: q(x0 | x_t) depends on t (no token is known clean), so the network always sees t;
+# absorbing: it does not. ``exact_test`` changes how md4 test scores a checkpoint, not the model.
+@register_method(process="lightning_md4.diffusion.d3pm", state_spaces=("absorbing", "uniform"),
+                 samplers=("ancestral",), time_dependent=("uniform",), eval_options=("eval_seed", "exact_test"),
+                 summary="discrete-time diffusion, T steps (Austin et al. 2021)")
 class D3PM(DiffusionModule):
     """D3PM (Austin et al. 2021) with the x0-parameterisation and the hybrid loss.
 
@@ -74,7 +79,7 @@ class D3PM(DiffusionModule):
         """The base's checks, then the schedule and hybrid_lambda: a defaulted one takes the
         checkpoint's value (the process is rebuilt), an explicit one that differs is refused."""
         super().on_load_checkpoint(checkpoint)
-        theirs = upgrade_hparams(checkpoint.get("hyper_parameters", {}))
+        theirs = self.upgrade_hparams(checkpoint.get("hyper_parameters", {}))
         wanted = {key: theirs.get(key, self.hparams[key]) for key in ("schedule", "hybrid_lambda")}
         for key, other in wanted.items():
             if other != self.hparams[key] and key not in self._defaulted:
@@ -89,9 +94,19 @@ class D3PM(DiffusionModule):
         objective, nelbo = self.process.loss(self.denoiser(batch), batch["x0"], t=t, noise=noise)
         return objective, nelbo.detach()
 
-    def posterior_depends_on_time(self) -> bool:
-        """Uniform kernel: q(x0 | x_t) depends on t (no token is known clean); absorbing: it does not."""
-        return issubclass(D3PM_PROCESSES[self.hparams.state_space], UniformState)
+    def schedule_summary(self) -> str:
+        """The resolved schedule (its default depends on the state space) and the number of steps."""
+        return f"{self.hparams.schedule}, {self.hparams.state_space}, T={self.hparams.T}"
+
+    @classmethod
+    def upgrade_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """D3PM's ``kind`` became ``state_space`` (its value ``absorb``, ``absorbing``); a checkpoint
+        saved before the ``schedule`` option ran the linear schedule whatever its state space (today
+        a uniform D3PM defaults to cosine)."""
+        upgraded = rename_options(hparams, {"kind": "state_space"}, {"state_space": {"absorb": "absorbing"}})
+        if "T" in upgraded and "schedule" not in upgraded:
+            upgraded["schedule"] = "linear"
+        return upgraded
 
     def exact_test_noise(self, index: Tensor, seq_len: int) -> StepNoise:
         """The forward-draw uniforms ``[B, N]`` of each step t, keyed by ``(eval_seed, index, t)``.

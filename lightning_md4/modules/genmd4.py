@@ -10,9 +10,14 @@ from torch import Tensor
 
 from lightning_md4.diffusion.generalized import GenMaskedDiffusion, PerTokenSchedule
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
+from lightning_md4.modules.registry import register_method
 from lightning_md4.nets import NetworkConfig
 
 
+# A token is masked at a rate that depends on its value, so how likely each value is under a mask,
+# q(x0 | x_t), changes with t: the network always sees t.
+@register_method(process="lightning_md4.diffusion.generalized", state_spaces=("absorbing",), samplers=("ancestral",),
+                 time_dependent=True, summary="MD4 with learned per-token schedules (Shi et al. 2024, sec. 5)")
 class GenMD4(DiffusionModule):
     """GenMD4 (Shi et al. 2024, section 5).
 
@@ -25,8 +30,7 @@ class GenMD4(DiffusionModule):
         decay_w: apply weight decay to the exponents' raw parameters, as the official code does
             (it pulls w towards softplus(0) = 0.69); off by default.
         w_lr: learning rate of the exponents; ``None`` uses the network's.
-        (the rest: see ``DiffusionModule``; the network always sees t, see
-        ``posterior_depends_on_time``)
+        (the rest: see ``DiffusionModule``; the network always sees t: its registration)
     """
 
     def __init__(self, vocab_size: int, seq_len: int, w_init: float = 1.0, eps: float = 1e-4, t_min: float = 1e-3,
@@ -41,10 +45,8 @@ class GenMD4(DiffusionModule):
     def process(self) -> GenMaskedDiffusion:
         return self._process
 
-    def posterior_depends_on_time(self) -> bool:
-        """A token is masked at a rate that depends on its value, so how likely each value is under a
-        mask, q(x0 | x_t), changes with t."""
-        return True
+    def schedule_summary(self) -> str:
+        return "learned per token"
 
     def train_objective(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         t, noise = self.train_noise(batch, draw=0)

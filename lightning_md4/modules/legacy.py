@@ -1,26 +1,39 @@
-"""Hyper-parameters of checkpoints saved before a rename or a new option, mapped to today's."""
+"""Hyper-parameters of checkpoints saved before a rename or a new option, mapped to today's.
+
+Each method knows its own history: its class's ``upgrade_hparams`` (``DiffusionModule``'s returns
+the hyper-parameters unchanged; D3PM and SEDD renamed options). This file finds the method of a
+checkpoint and holds the renaming helper they share.
+
+Needed because Lightning's ``load_from_checkpoint`` silently drops keys the class does not take,
+so an old uniform-state checkpoint would otherwise be built with the default, absorbing.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-# Old name -> new name. D3PM's ``kind`` and SEDD's ``graph`` became ``state_space``, SEDD's ``noise``
-# (a schedule name) became ``schedule``; no other method had these keys at the top level.
-RENAMED = {"kind": "state_space", "graph": "state_space", "noise": "schedule"}
-STATE_SPACES = {"absorb": "absorbing"}
+from lightning_md4.modules.registry import get_method
 
 
-def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
-    """``hparams`` with the old names replaced and options added since filled with the value the run
-    had; a checkpoint saved with today's names comes back equal.
+def upgrade_hparams(hparams: Mapping[str, Any], cls: type | None = None) -> dict[str, Any]:
+    """``hparams`` upgraded by ``cls``'s hook (default: the method its ``_class_path`` names); a
+    checkpoint saved with today's names comes back equal, and so do hyper-parameters of no known method."""
+    if cls is None:
+        name = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
+        try:
+            cls = get_method(name).cls if name else None
+        except KeyError:
+            cls = None
+    return dict(hparams) if cls is None else cls.upgrade_hparams(dict(hparams))
 
-    Needed because Lightning's ``load_from_checkpoint`` silently drops keys the class does not take,
-    so an old uniform-state checkpoint would otherwise be built with the default, absorbing."""
-    upgraded = {RENAMED.get(key, key): value for key, value in hparams.items()}
-    if "state_space" in upgraded:
-        upgraded["state_space"] = STATE_SPACES.get(upgraded["state_space"], upgraded["state_space"])
-    # D3PM (the only method with a step count ``T``) saved before its ``schedule`` option ran the
-    # linear schedule whatever its state space; today a uniform D3PM defaults to cosine.
-    if "T" in upgraded and "schedule" not in upgraded:
-        upgraded["schedule"] = "linear"
+
+def rename_options(hparams: Mapping[str, Any], renamed: Mapping[str, str],
+                   values: Mapping[str, Mapping[Any, Any]] | None = None) -> dict[str, Any]:
+    """``hparams`` with the keys of ``renamed`` given their new names, and the old values of
+    ``values[key]`` (after the rename) replaced by the new ones."""
+    upgraded = {renamed.get(key, key): value for key, value in hparams.items()}
+    for key, mapping in (values or {}).items():
+        if key in upgraded and isinstance(upgraded[key], str):
+            upgraded[key] = mapping.get(upgraded[key], upgraded[key])
     return upgraded

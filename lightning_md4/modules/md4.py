@@ -9,10 +9,13 @@ from torch import Tensor
 
 from lightning_md4.diffusion.masked import MaskedDiffusion
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
+from lightning_md4.modules.registry import register_method
 from lightning_md4.nets import NetworkConfig
 from lightning_md4.diffusion.schedules import make_schedule
 
 
+@register_method(process="lightning_md4.diffusion.masked", state_spaces=("absorbing",), samplers=("ancestral",),
+                 summary="masked diffusion with a fixed schedule (Shi et al. 2024)")
 class MD4(DiffusionModule):
     """MD4 (Shi et al. 2024): the continuous-time ELBO as a weighted cross-entropy.
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from lightning_md4.diffusion.base import UniformState
-from lightning_md4.diffusion.sedd import SEDD_PROCESSES, ScoreEntropyDiffusion, make_sedd
+from lightning_md4.diffusion.sedd import ScoreEntropyDiffusion, make_sedd
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
+from lightning_md4.modules.legacy import rename_options
+from lightning_md4.modules.registry import register_method
 from lightning_md4.nets import NetworkConfig
 
 
+# Uniform state space: any token may be noise, and how likely it is to be clean falls with t, so
+# the network always sees t. Absorbing: the optimal raw output ``log mu + log V`` does not depend on
+# t (the score's sigma_bar(t) factor is applied outside the network).
+@register_method(process="lightning_md4.diffusion.sedd", state_spaces=("absorbing", "uniform"),
+                 samplers=("analytic", "euler"), time_dependent=("uniform",),
+                 summary="score entropy (Lou et al. 2024)")
 class SEDD(DiffusionModule):
     """SEDD (Lou et al. 2024). The network is conditioned on the total noise sigma_bar(t).
 
@@ -33,8 +40,11 @@ class SEDD(DiffusionModule):
     def process(self) -> ScoreEntropyDiffusion:
         return self._process
 
-    def posterior_depends_on_time(self) -> bool:
-        """Uniform state space: any token may be noise, and how likely it is to be clean falls with t.
-        Absorbing: the optimal raw output ``log mu + log V`` does not depend on t (the score's
-        sigma_bar(t) factor is applied outside the network)."""
-        return issubclass(SEDD_PROCESSES[self.hparams.state_space], UniformState)
+    def schedule_summary(self) -> str:
+        return f"{self.hparams.schedule} noise, {self.hparams.state_space}"
+
+    @classmethod
+    def upgrade_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """SEDD's ``graph`` became ``state_space`` (its value ``absorb``, ``absorbing``) and ``noise``
+        (a schedule name) ``schedule``."""
+        return rename_options(hparams, {"graph": "state_space", "noise": "schedule"}, {"state_space": {"absorb": "absorbing"}})
