@@ -34,6 +34,7 @@ def write_config(folder: Path, name: str, config: dict) -> Path:
     return path
 
 
+@pytest.mark.slow  # an `md4 fit` process per row
 def test_speed_harness_end_to_end(tmp_path: Path) -> None:
     """Every method trains through `md4 fit` at the config's size, one table row each, and sampling
     gives the same tokens with the output cache on as off."""
