@@ -11,6 +11,7 @@ hooks (:meth:`TokenDataModule.decode`, :meth:`TokenDataModule.to_images`) show a
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 Item = dict[str, Any]
 
@@ -71,6 +72,163 @@ class UnrepeatedDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+# -- resumable training order ---------------------------------------------------------------------
+def draw_seed() -> int:
+    """A seed from torch's global RNG, drawn as ``RandomSampler`` draws its epoch's seed."""
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states of this process (torch, this process's CUDA device, numpy, Python) as
+    types that ``torch.load(weights_only=True)`` reads back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
+                                       int(has_gauss), float(cached))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class _Blocks:
+    """The training order shared by :class:`ResumableRandomSampler` and
+    :class:`ResumableDistributedSampler`.
+
+    Each epoch draws one seed from torch's global RNG, exactly as ``RandomSampler`` does (so one
+    process sees the order it always did), and shuffles the training set with it. The global
+    batches are consecutive blocks of ``world * batch_size`` examples of that permutation; rank
+    ``r`` takes block part ``r``, so its ``k``-th batch is ``perm[(k * world + r) * B : ... + B]``.
+    With gradient accumulation, consecutive batches of a rank are the micro-batches of a step, and
+    the examples of every optimiser step are the same on any layout with the same global batch
+    (which is what ``train_noise``'s strata, ``(micro_index * world + rank) * B`` onwards, assume).
+    The incomplete last global batch is dropped.
+
+    Every rank draws the same seed because ``seed_everything`` seeds every rank alike and the ranks
+    draw from the global RNG alike (same shapes, same steps); nothing here communicates.
+
+    :meth:`resume` makes the next iteration continue an epoch at a batch with its recorded seed.
+    """
+
+    def _setup_blocks(self, size: int, batch_size: int, world: int, rank: int) -> None:
+        self.size, self.block, self.world, self.part = size, batch_size, world, rank
+        self.batches = size // (world * batch_size)  # per rank, per epoch
+        self.seed: int | None = None  # the current epoch's seed, once its iteration has started
+        self._resume_at: tuple[int, int] | None = None
+
+    def resume(self, seed: int, batch: int) -> None:
+        """The next iteration continues the epoch shuffled with ``seed`` from its batch ``batch``."""
+        self._resume_at = (seed, batch)
+
+    def __iter__(self) -> Iterator[int]:
+        if self._resume_at is not None:
+            (self.seed, start), self._resume_at = self._resume_at, None
+        else:
+            self.seed, start = draw_seed(), 0
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed))
+        B, W, r = self.block, self.world, self.part
+        for k in range(start, self.batches):
+            yield from order[(k * W + r) * B:(k * W + r + 1) * B].tolist()
+
+    def __len__(self) -> int:
+        return self.batches * self.block
+
+
+class ResumableRandomSampler(_Blocks, RandomSampler):
+    """The shuffled training order of one process (see :class:`_Blocks`): ``RandomSampler``'s."""
+
+    def __init__(self, dataset: Dataset, batch_size: int) -> None:
+        RandomSampler.__init__(self, dataset)
+        self._setup_blocks(len(dataset), batch_size, 1, 0)
+
+
+class ResumableDistributedSampler(_Blocks, DistributedSampler):
+    """The shuffled training order of rank ``rank`` of ``num_replicas`` (see :class:`_Blocks`).
+
+    A ``DistributedSampler``, so that Lightning leaves the loader alone; ``set_epoch`` is ignored
+    (the epoch's seed comes from the global RNG, as on one process)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int) -> None:
+        DistributedSampler.__init__(self, dataset, num_replicas=num_replicas, rank=rank, shuffle=True, drop_last=True)
+        self._setup_blocks(len(dataset), batch_size, num_replicas, rank)
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with its place in the epoch saved in checkpoints and restored on resume.
+
+    Lightning saves the ``state_dict`` of a training loader that has one in every checkpoint (the
+    fit loop's ``combined_loader``) and gives it back through ``load_state_dict`` before the
+    resumed run iterates it -- unless the loader was made before the checkpoint was restored, as
+    ``trainer.estimated_stepping_batches`` does in ``configure_optimizers`` when ``max_epochs`` is
+    set; :class:`TokenDataModule` therefore also keeps it in its own part of the checkpoint and
+    hands it to the loader it makes. Without it, a run resumed mid-epoch shuffled the epoch anew
+    from a reseeded RNG and trained on other examples than the uninterrupted run would have.
+
+    The state is the epoch's seed, the examples consumed in it (counted over all ranks, so a run
+    may resume on another layout with the same global batch), and the global RNG states at the
+    save (dropout, label dropout and random crops draw from them). The resumed iteration restores
+    them just before it fetches its first batch, where the uninterrupted run went on from the same
+    state (mid-epoch; a resumed iteration that starts a new epoch restores them before it makes its
+    loader iterator, which draws from them as the uninterrupted run's did). Ranks' RNGs are in step
+    (see :class:`_Blocks`), so rank 0's, the one in the checkpoint, serves all. Random crops drawn
+    in worker processes (``num_workers > 0``) are not restored.
+    """
+
+    STATE_VERSION = 1
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler: _Blocks = self.sampler  # type: ignore[assignment]
+        restore, self._restore = getattr(self, "_restore", None), None
+        done = 0
+        if restore is not None:
+            if restore["batch"] < sampler.batches:  # else saved at the end of an epoch: this one is new
+                sampler.resume(restore["seed"], restore["batch"])
+                done = restore["batch"]
+            # A new epoch draws the loader iterator's base seed and (at once with workers) the
+            # epoch's seed from here on, as the uninterrupted run did after the save.
+            set_rng_state(restore["rng"])
+        inner = super().__iter__()  # a plain DataLoader's iterator, which draws its base seed here
+        return self._counted(inner, done, restore["rng"] if restore is not None and done else None)
+
+    def _counted(self, inner: Iterator[Any], done: int, rng: dict[str, Any] | None) -> Iterator[Any]:
+        self._done = done
+        if rng is not None:  # mid-epoch: the uninterrupted run made no iterator here, so undo its draw
+            set_rng_state(rng)
+        for batch in inner:
+            self._done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler: _Blocks = self.sampler  # type: ignore[assignment]
+        if sampler.seed is None:  # not iterated yet
+            return {}
+        return {"version": self.STATE_VERSION, "seed": sampler.seed, "examples": self._done * sampler.world * sampler.block,
+                "global_batch": sampler.world * sampler.block, "rng": rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        sampler: _Blocks = self.sampler  # type: ignore[assignment]
+        global_batch = sampler.world * sampler.block
+        if state.get("version") != self.STATE_VERSION or state["examples"] % global_batch:
+            rank_zero_warn(
+                f"the checkpoint's place in its epoch ({state.get('examples')} examples in global batches of "
+                f"{state.get('global_batch')}) does not fit this run's global batch of {global_batch}; the epoch "
+                "is shuffled anew, so the resumed run trains on other examples than the interrupted one would have")
+            return
+        self._restore = {"seed": state["seed"], "batch": state["examples"] // global_batch, "rng": state["rng"]}
 
 
 class LazyMemmap:
@@ -214,6 +372,8 @@ class TokenDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._train_loader: ResumableLoader | None = None  # the newest, whose place a checkpoint keeps
+        self._train_loader_state: dict[str, Any] | None = None  # from the checkpoint, for the next one
 
     @property
     def vocab_size(self) -> int:
@@ -267,7 +427,30 @@ class TokenDataModule(pl.LightningDataModule):
             f"data.init_args.val_examples (now {self.val_examples}) and trainer.limit_val_batches=null instead")
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
+        """Shuffled, the incomplete last global batch dropped, resumable mid-epoch (:class:`ResumableLoader`)."""
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
+        world_size, rank = self._world()
+        sampler = (ResumableDistributedSampler(self.train_set, self.batch_size, world_size, rank) if world_size > 1
+                   else ResumableRandomSampler(self.train_set, self.batch_size))
+        loader = self._loader(self.train_set, self.batch_size, drop_last=True, sampler=sampler,
+                              loader_class=ResumableLoader)
+        if self._train_loader_state:
+            loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's place in its epoch (see :class:`ResumableLoader`), for checkpoints."""
+        state = self._train_loader.state_dict() if self._train_loader is not None else {}
+        return {"train_loader": state} if state else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's training loader state for the loader that ``train_dataloader`` makes next."""
+        self._train_loader_state = state_dict.get("train_loader") or None
+        if self._train_loader_state and self._train_loader is not None:  # already made: resume it
+            self._train_loader.load_state_dict(self._train_loader_state)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self._first(self.val_set, self.val_examples))
@@ -307,10 +490,11 @@ class TokenDataModule(pl.LightningDataModule):
             return dist.get_world_size(), dist.get_rank()
         return 1, 0
 
-    def _loader(self, dataset: Dataset | None, batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, batch_size: int, loader_class: type[DataLoader] = DataLoader,
+                **kwargs: Any) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
-        return DataLoader(
+        return loader_class(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
