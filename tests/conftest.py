@@ -99,6 +99,39 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         subprocess.Popen.__init__ = _popen_init
 
 
+# -- the tiny network, data and md4 arguments of most tests (plain data: importing conftest imports
+# no torch; the fixtures import what they build) -------------------------------------------------
+CONFIGS = ROOT / "configs"
+DIGITS = str(CONFIGS / "digits.yaml")  # the main job: scikit-learn's 8x8 digits, 17 levels, 64 tokens
+TINY_TEXT = str(CONFIGS / "tiny_text.yaml")  # a character model of any text file (--data.init_args.path)
+TINY_NETWORK = {"n_layers": 1, "d_model": 32, "n_heads": 2, "d_cond": 16}  # TransformerConfig(**TINY_NETWORK)
+TINY_NET_ARGS = [f"--model.init_args.network.{key}={value}" for key, value in TINY_NETWORK.items()]
+
+
+def digits_fit_args(run: Path, steps: int, *extra: str) -> list[str]:
+    """``md4 fit`` arguments of a short run of the tiny network on the digits into ``run``: batches
+    of 16, validation on one batch every 5 steps, no progress bar; ``extra`` come last."""
+    return ["fit", "--config", DIGITS, f"--trainer.default_root_dir={run}", f"--trainer.max_steps={steps}",
+            "--trainer.val_check_interval=5", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            "--data.init_args.batch_size=16", *TINY_NET_ARGS, *extra]
+
+
+@pytest.fixture
+def tiny_network() -> Any:
+    """The tiny network's ``TransformerConfig`` (``TINY_NETWORK``)."""
+    from lightning_md4.nets import TransformerConfig
+
+    return TransformerConfig(**TINY_NETWORK)
+
+
+@pytest.fixture
+def tiny_digits() -> Any:
+    """A ``DigitsDataModule`` with batches of 8 for training and evaluation."""
+    from datamodules import DigitsDataModule
+
+    return DigitsDataModule(batch_size=8, eval_batch_size=8)
+
+
 def md4_command(*args: str) -> list[str]:
     """The argv of ``md4 ARGS`` with this interpreter, for ``subprocess.Popen`` (tests marked slow only)."""
     _require_slow(args)

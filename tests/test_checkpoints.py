@@ -20,13 +20,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import md4, md4_command
+from conftest import TINY_NET_ARGS, TINY_NETWORK, TINY_TEXT, md4, md4_command
 from lightning_md4.checkpointing import PREEMPTED_EXIT_CODE, DurableCheckpointIO, floating_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TEXT = str(ROOT / "configs" / "tiny_text.yaml")
-TINY_NET = ["--model.init_args.network.n_layers=1", "--model.init_args.network.d_model=32",
-            "--model.init_args.network.n_heads=2", "--model.init_args.network.d_cond=16"]
 
 
 class PoisonWeights(pl.Callback):
@@ -52,7 +49,7 @@ def md4_fit(run: Path, corpus: Path, *extra: str) -> list[str]:
     """The arguments of a tiny ``md4 fit``."""
     return ["fit", "--config", TINY_TEXT, f"--data.init_args.path={corpus}",
             "--data.init_args.seq_len=32", "--data.init_args.batch_size=8", f"--trainer.default_root_dir={run}",
-            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1", *TINY_NET, *extra]
+            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1", *TINY_NET_ARGS, *extra]
 
 
 def run_fit(run: Path, corpus: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -270,19 +267,18 @@ class SigtermAfterPreemptionLooked(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_seen_first_by_lightning_still_saves_and_exits_143(tmp_path):
-    from datamodules import DigitsDataModule
+def test_sigterm_seen_first_by_lightning_still_saves_and_exits_143(tmp_path, tiny_digits):
     from lightning_md4.checkpointing import install
     from lightning_md4.modules import MD4
     from lightning_md4.nets import TransformerConfig
 
-    net = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16, time_conditioning=False)
+    net = TransformerConfig(**TINY_NETWORK, time_conditioning=False)
     trainer = pl.Trainer(max_steps=50, logger=False, enable_progress_bar=False, limit_val_batches=0,
                          default_root_dir=tmp_path, callbacks=[
                              pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)])
     install(trainer)
     trainer.callbacks.append(SigtermAfterPreemptionLooked(at=3))
     with pytest.raises(SystemExit) as exit_info:
-        trainer.fit(MD4(17, 64, network=net), DigitsDataModule(batch_size=8))
+        trainer.fit(MD4(17, 64, network=net), tiny_digits)
     assert exit_info.value.code == PREEMPTED_EXIT_CODE
     assert step_of(tmp_path / "checkpoints" / "last.ckpt") == 3

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import md4
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import TINY_NET_ARGS, TINY_TEXT, md4
 
 pytestmark = pytest.mark.slow  # md4 subprocesses, one of them a 2-process DDP run
 
@@ -17,14 +15,13 @@ pytestmark = pytest.mark.slow  # md4 subprocesses, one of them a 2-process DDP r
 def validate(tmp_path: Path, corpus: Path, devices: int, global_batch_size: int, accumulate: int) -> float:
     """``md4 validate`` on the first 13 of the corpus's 15 validation chunks; the per-device batch
     (training and evaluation) is ``global_batch_size / (devices * accumulate)``."""
-    args = ["validate", "--config", str(ROOT / "configs" / "tiny_text.yaml"),
+    args = ["validate", "--config", TINY_TEXT,
             f"--data.init_args.path={corpus}", "--data.init_args.seq_len=16", "--data.init_args.val_fraction=0.2",
             "--data.init_args.val_examples=13", "--data.init_args.batch_size=null",
             f"--data.init_args.global_batch_size={global_batch_size}", f"--trainer.accumulate_grad_batches={accumulate}",
             f"--trainer.default_root_dir={tmp_path / f'run{devices}'}", "--trainer.accelerator=cpu",
             f"--trainer.devices={devices}", "--trainer.enable_progress_bar=false", "--random_weights=true",
-            "--model.init_args.network.n_layers=1", "--model.init_args.network.d_model=32",
-            "--model.init_args.network.n_heads=2"]
+            *TINY_NET_ARGS]
     if devices > 1:
         args.append("--trainer.strategy=ddp")
     proc = md4(*args, cwd=tmp_path)

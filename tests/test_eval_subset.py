@@ -18,9 +18,6 @@ from torch.utils.data import default_collate
 from datamodules import DigitsDataModule
 from datamodules.base import DataError
 from lightning_md4.modules import MD4
-from lightning_md4.nets import TransformerConfig
-
-TINY = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16)
 K = 11  # not a multiple of any per-rank batch below, so shards and last batches are ragged
 
 
@@ -58,9 +55,9 @@ def _validate(model: MD4, global_batch_size: int, accumulate: int) -> float:
     return trainer.validate(model, datamodule=dm, verbose=False)[0]["val/nelbo"]
 
 
-def test_validation_nelbo_is_the_mean_over_the_first_k_for_any_batch_and_accumulation():
+def test_validation_nelbo_is_the_mean_over_the_first_k_for_any_batch_and_accumulation(tiny_network):
     torch.manual_seed(0)
-    model = MD4(17, 64, network=TINY)
+    model = MD4(17, 64, network=tiny_network)
     # Reference: the first K validation digits in one float64 batch, noise keyed by their index.
     dm = DigitsDataModule()
     dm.setup()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY_NET_ARGS, TINY_NETWORK
 from datamodules.zeroshot import ZeroShotDataModule
 from lightning_md4.diffusion.streams import keyed_times, keyed_uniform
 from lightning_md4.cli import main
@@ -20,7 +21,7 @@ from lightning_md4.nets.transformer import TransformerConfig
 from textdata import documents, train_bpe, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16)
+TINY = TransformerConfig(**TINY_NETWORK)
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +166,7 @@ def test_fit_then_zeroshot_test_and_genppl_through_the_cli(tmp_path, bpe, tiny_g
         "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false", f"--data.init_args.paths=[{tmp_path / 'owt.jsonl'}]",
         f"--data.init_args.tokenizer={bpe}", "--data.init_args.seq_len=16", "--data.init_args.val_docs=10",
-        "--data.init_args.global_batch_size=4", "--model.init_args.network.n_layers=1",
-        "--model.init_args.network.d_model=32", "--model.init_args.network.n_heads=2",
-        "--model.init_args.network.d_cond=16")
+        "--data.init_args.global_batch_size=4", *TINY_NET_ARGS)
     ckpt = run / "checkpoints" / "last.ckpt"
     out = md4(capsys, "zeroshot", "--ckpt_path", str(ckpt), "--sets", "wikitext2,ptb",
               f"--paths.wikitext2={tmp_path / 'wiki.raw'}", "--paths.ptb", str(tmp_path / "ptb.txt"), "--data_dir", str(tmp_path / "zs"),

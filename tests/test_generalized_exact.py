@@ -248,7 +248,7 @@ def test_sampler_conditioning_keeps_given_tokens():
 
 
 @pytest.mark.slow
-def test_training_moves_the_exponents_apart_on_skewed_data():
+def test_training_moves_the_exponents_apart_on_skewed_data(tiny_network):
     """Tokens of very different frequencies (60% ... 2%) get different learned schedules.
 
     (Whether the learned schedule then beats the fixed linear one on held-out data depends on the
@@ -258,7 +258,7 @@ def test_training_moves_the_exponents_apart_on_skewed_data():
     vocab, length = 6, 16
     freq = torch.tensor([0.6, 0.2, 0.1, 0.05, 0.03, 0.02])
     g = torch.Generator().manual_seed(1)
-    net = Transformer(vocab, TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16))
+    net = Transformer(vocab, tiny_network)
     schedule = PerTokenSchedule(vocab, eps=1e-4)
     process = GenMaskedDiffusion(schedule, vocab, t_min=1e-3)
     opt = torch.optim.AdamW([{"params": net.parameters(), "lr": 3e-3}, {"params": [schedule.raw], "lr": 3e-2}],

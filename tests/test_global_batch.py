@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning.pytorch as pl
 import pytest
 
-from conftest import md4
+from conftest import DIGITS, md4
 from datamodules import DigitsDataModule
 from datamodules.base import DEFAULT_BATCH_SIZE, DataError, per_device_batch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _attached(dm: DigitsDataModule, devices: int, num_nodes: int, accumulate: int) -> DigitsDataModule:
@@ -62,7 +58,7 @@ def test_both_set_must_agree():
 @pytest.mark.slow
 def test_cli_reports_an_indivisible_global_batch_in_one_line(tmp_path):
     proc = md4(
-        "validate", "--config", str(ROOT / "configs" / "digits.yaml"),
+        "validate", "--config", DIGITS,
         "--data.init_args.batch_size=null", "--data.init_args.global_batch_size=64",
         "--trainer.accumulate_grad_batches=3", "--trainer.accelerator=cpu", "--trainer.logger=false",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--random_weights=true",

@@ -5,6 +5,7 @@ import lightning
 import pytest
 import torch
 
+from conftest import TINY_NETWORK
 from lightning_md4.checkpoints import FitCheckpoint
 from lightning_md4.diffusion.d3pm import AbsorbingD3PM, UniformD3PM
 from lightning_md4.diffusion.sedd import AbsorbingSEDD, UniformSEDD
@@ -13,7 +14,7 @@ from lightning_md4.modules.base import CheckpointError
 from lightning_md4.modules.legacy import upgrade_hparams
 from lightning_md4.nets import TransformerConfig
 
-TINY = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16)
+TINY = TransformerConfig(**TINY_NETWORK)
 SEDD_OLD = {"state_space": "graph", "schedule": "noise"}
 D3PM_OLD = {"state_space": "kind"}
 

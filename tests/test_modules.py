@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from conftest import TINY_NETWORK
 from lightning_md4.modules import GenMD4, MD4, OptimConfig
 from lightning_md4.modules.base import warmup_cosine
 from lightning_md4.nets import TransformerConfig
 
-TINY = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16)
+TINY = TransformerConfig(**TINY_NETWORK)
 
 
 class FakeTrainer:
@@ -80,7 +81,7 @@ def test_every_groups_learning_rate_is_warmup_then_cosine_at_every_step(tmp_path
     assert record.seen[-1][-1] == pytest.approx(min_ratio * w_lr, rel=1e-12)
 
 
-def test_epoch_metrics_are_logged_as_metric_objects_that_lightning_computes_and_resets(tmp_path):
+def test_epoch_metrics_are_logged_as_metric_objects_that_lightning_computes_and_resets(tmp_path, tiny_digits):
     """``val/nelbo`` and ``val/bpt`` are torchmetrics objects logged from the step: Lightning computes
     and resets them, so a subclass whose epoch-end hook skips super() still reports them, a second
     validation is not averaged with the first, and bpt is the reduced mean / ln 2 exactly."""
@@ -88,15 +89,13 @@ def test_epoch_metrics_are_logged_as_metric_objects_that_lightning_computes_and_
 
     import lightning.pytorch as pl
 
-    from datamodules import DigitsDataModule
-
     class OwnEpochEnd(MD4):
         def on_validation_epoch_end(self) -> None:
             pass
 
     torch.manual_seed(0)
     m = OwnEpochEnd(17, 64, network=TINY)
-    dm = DigitsDataModule(batch_size=8, eval_batch_size=8)
+    dm = tiny_digits
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, limit_val_batches=2, default_root_dir=tmp_path)
     trainer.validate(m, dm, verbose=False)
     nats, bits = trainer.callback_metrics["val/nelbo"], trainer.callback_metrics["val/bpt"]
@@ -198,11 +197,9 @@ def test_genmd4_rloo_uses_two_independent_masks_and_reports_the_nelbo():
     assert m.schedule.raw.grad is not None and m.schedule.raw.grad.abs().sum() > 0
 
 
-def test_a_diverged_run_stops_with_a_clear_error(tmp_path):
+def test_a_diverged_run_stops_with_a_clear_error(tmp_path, tiny_digits):
     import lightning.pytorch as pl
     import pytest
-
-    from datamodules import DigitsDataModule
 
     m = MD4(17, 64, network=TINY)
     with torch.no_grad():
@@ -210,7 +207,7 @@ def test_a_diverged_run_stops_with_a_clear_error(tmp_path):
     trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          limit_val_batches=0, default_root_dir=tmp_path, log_every_n_steps=1)
     with pytest.raises(FloatingPointError, match="not finite"):
-        trainer.fit(m, DigitsDataModule(batch_size=8))
+        trainer.fit(m, tiny_digits)
 
 
 def test_d3pm_exact_test_sums_all_steps(tmp_path):

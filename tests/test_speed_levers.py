@@ -14,6 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
+from conftest import TINY_NETWORK
 from datamodules.base import DataError
 from datamodules.tokens import TokenFileDataModule
 from lightning_md4.diffusion.cross_entropy import cross_entropy
@@ -24,7 +25,7 @@ from lightning_md4.nets.transformer import Transformer
 from lightning_md4.diffusion.schedules import Cosine, Linear
 from lightning_md4.speed_callbacks import CompileNetwork, ForeachEMA
 
-TINY = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16, time_conditioning=True)
+TINY = TransformerConfig(**TINY_NETWORK, time_conditioning=True)
 
 
 def float64_net(vocab: int = 7) -> Transformer:

@@ -21,6 +21,7 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
+from conftest import DIGITS, TINY_NET_ARGS
 from sweeps.callback import read_progress
 from sweeps.report import result_rows, trials_table
 from sweeps.spec import StudyError, load_spec, make_pruner, make_sampler, parse_spec
@@ -28,12 +29,10 @@ from sweeps.storage import open_storage
 from sweeps.worker import SURPLUS, build_command, counted_trials, storage_url
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = [str(ROOT / "configs" / "digits.yaml"), str(ROOT / "sweeps" / "studies" / "tiny_digits.yaml")]
+BASE = [DIGITS, str(ROOT / "sweeps" / "studies" / "tiny_digits.yaml")]
 TINY = ["--trainer.accelerator=cpu", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
         "--data.init_args.val_examples=16", "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
-        "--model.init_args.network.n_layers=1", "--model.init_args.network.d_model=32",
-        "--model.init_args.network.n_heads=2", "--model.init_args.network.d_cond=16",
-        "--data.init_args.global_batch_size=16", "--data.init_args.eval_batch_size=16"]
+        *TINY_NET_ARGS, "--data.init_args.global_batch_size=16", "--data.init_args.eval_batch_size=16"]
 # One thread per training process: the runs are tiny, and several share the CI machine's cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 GRID_2x2 = {"schedule": {"type": "categorical", "choices": ["linear", "cosine"], "arg": "model.init_args.schedule"},

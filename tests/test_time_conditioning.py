@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, replace
-from pathlib import Path
-
 import pytest
 import torch
 
-from conftest import md4
+from conftest import TINY_NETWORK, digits_fit_args, md4
 from lightning_md4.modules import GenMD4, MD4, SEDD
 from lightning_md4.nets import TransformerConfig, UNetConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-BLIND = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16, time_conditioning=False)
-TINY_NET = ["--model.init_args.network.n_layers=1", "--model.init_args.network.d_model=32",
-            "--model.init_args.network.n_heads=2", "--model.init_args.network.d_cond=16"]
+BLIND = TransformerConfig(**TINY_NETWORK, time_conditioning=False)
 
 
 @pytest.mark.parametrize("make, sees_t", [
@@ -52,11 +47,7 @@ def test_a_time_conditioned_network_is_left_as_it_is():
 def test_the_model_switch_on_a_blind_config_trains_a_network_that_sees_t(tmp_path):
     """configs/digits.yaml sets time_conditioning: false for MD4; --model GenMD4 must not inherit it."""
     run = tmp_path / "run"
-    proc = md4(
-        "fit", "--config", str(ROOT / "configs" / "digits.yaml"),
-        "--model=GenMD4", f"--trainer.default_root_dir={run}", "--trainer.max_steps=1",
-        "--trainer.val_check_interval=5", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-        "--data.init_args.batch_size=16", *TINY_NET, cwd=tmp_path)
+    proc = md4(*digits_fit_args(run, 1, "--model=GenMD4"), cwd=tmp_path)
     assert "GenMD4: its posterior depends on t, so network.time_conditioning is turned on" in proc.stderr
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["network"]["time_conditioning"] is True

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from conftest import TINY_NETWORK
 from lightning_md4.diffusion import GenMaskedDiffusion, MaskedDiffusion, PerTokenSchedule, make_d3pm, make_sedd
 from lightning_md4.modules import AR, D3PM, SEDD
 from lightning_md4.modules.registry import methods
@@ -25,7 +26,7 @@ V, N, B = 5, 8, 3
 # alpha(t) and the neighbouring steps all differ.
 TIMES = [0.05, 0.37, 0.81]
 STEP_TIMES = [0.1, 0.4, 0.9]  # i / T with i = floor(t T) + 1, T = 10
-TINY = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16)
+TINY = TransformerConfig(**TINY_NETWORK)
 
 
 class TimeRecorder(nn.Module):

@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from conftest import TINY_NETWORK
 from datamodules import DigitsDataModule
 from lightning_md4.callbacks import EstimatorVarianceMonitor
 from lightning_md4.diffusion import MaskedDiffusion
@@ -15,7 +16,7 @@ from lightning_md4.modules import MD4
 from lightning_md4.nets import TransformerConfig
 from lightning_md4.diffusion.schedules import Cosine
 
-TINY = TransformerConfig(n_layers=1, d_model=32, n_heads=2, d_cond=16)
+TINY = TransformerConfig(**TINY_NETWORK)
 
 
 def test_estimator_stats_of_a_linear_toy_estimate():
