@@ -118,7 +118,8 @@ def seed_observations(study: optuna.Study, spec: StudySpec) -> pd.DataFrame:
     for _, trial in trials.iterrows():
         configuration = {n: trial[f"params_{n}"] for n in names if not _missing(trial[f"params_{n}"])}
         row = {"number": trial["number"], "state": trial["state"],
-               CONFIGURATION: ", ".join(f"{n}={format_cell(v, '.6g')}" for n, v in configuration.items()), **configuration}
+               CONFIGURATION: ", ".join(f"{n}={format_cell(v, '.6g')}" for n, v in configuration.items()),
+               **configuration}
         finished = trial["state"] == TrialState.COMPLETE.name
         per_seed = trial.get(f"user_attrs_{SEED_VALUES}")
         if finished and isinstance(per_seed, dict):

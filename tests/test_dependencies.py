@@ -74,7 +74,8 @@ def third_party_imports(files: list[Path]) -> dict[str, tuple[bool, list[str]]]:
             if module in sys.stdlib_module_names or module in OWN or module in beside or module == "__future__":
                 continue
             was_optional, where = result.get(module, (True, []))
-            result[module] = (was_optional and optional, [*where, path.name if ROOT not in path.parents else str(path.relative_to(ROOT))])
+            shown = str(path.relative_to(ROOT)) if ROOT in path.parents else path.name
+            result[module] = (was_optional and optional, [*where, shown])
     return result
 
 
