@@ -8,6 +8,7 @@ import numpy as np
 from torch import Tensor
 
 from datamodules.base import DataError, TokenChunks, TokenCrops, TokenDataModule, decode_chars
+from lightning_md4.paths import not_a_file
 
 PATH_KEY = "data.init_args.path"
 _MASK_CANDIDATES = ("_", "\u2588", "\ufffd")  # '_', then a full block, for texts that use '_'
@@ -78,7 +79,7 @@ class CharDataModule(TokenDataModule):
     def _read(self) -> str:
         """The file's text; a missing or non-UTF-8 file is a :class:`DataError`."""
         if not self.path.is_file():
-            raise DataError(f"text file {self.path} does not exist. Set {PATH_KEY} to a local UTF-8 text file.")
+            raise DataError(f"text file {self.path} {not_a_file(self.path)}. Set {PATH_KEY} to a local UTF-8 text file.")
         try:
             return self.path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:

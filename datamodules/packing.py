@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from datamodules.base import DataError, LazyMemmap, TokenChunks
 from datamodules.tokenizer import TextTokenizer
 from lightning_md4.atomic import atomic_path
+from lightning_md4.paths import not_a_file
 
 ENCODE_BATCH = 1024  # documents per tokenizer call: large enough to keep every core busy
 FORMAT_VERSION = 1  # bump when the cache layout or the packing rule changes
@@ -147,7 +148,7 @@ def read_documents(path: Path, field: str = "text", per_line: bool = False) -> I
     (lines keep their newline, as Hugging Face's line-based text data sets do).
     """
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+        raise DataError(f"data file {path} {not_a_file(path)}")
     if path.suffix == ".jsonl":
         yield from _read_jsonl(path, field)
     elif path.suffix == ".parquet":

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from datamodules.base import DataError, LazyMemmap, TokenChunks, TokenCrops, TokenDataModule, decode_chars
 from lightning_md4.atomic import atomic_file
+from lightning_md4.paths import not_a_file
 
 URL = "http://mattmahoney.net/dc/text8.zip"
 ZIP_BYTES = 31_344_016
@@ -76,7 +77,7 @@ class Text8DataModule(TokenDataModule):
             self.source = Path(path).expanduser()
             self.remedy = f"Set {PATH_KEY} to a good copy of text8 or text8.zip."
             if not self.source.is_file():
-                raise DataError(f"text8 file {self.source} does not exist. {self.remedy}")
+                raise DataError(f"text8 file {self.source} {not_a_file(self.source)}. {self.remedy}")
         self.cache = self.source.with_suffix(".npy")
 
     @property

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import DataError, LazyMemmap, TokenChunks, TokenDataModule
+from lightning_md4.paths import not_a_file
 
 
 class TokenFileDataModule(TokenDataModule):
@@ -43,7 +44,7 @@ class TokenFileDataModule(TokenDataModule):
     def _build(self) -> None:
         path = Path(self.hparams.path)
         if not path.is_file():
-            raise DataError(f"token file {path} does not exist; pass data.init_args.path with a 1-D .npy token array")
+            raise DataError(f"token file {path} {not_a_file(path)}; pass data.init_args.path with a 1-D .npy token array")
         try:
             tokens = np.load(path, mmap_mode="r")
         except ValueError as err:

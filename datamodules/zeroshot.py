@@ -25,6 +25,7 @@ from datamodules.base import DataError, TokenDataModule
 from datamodules.openwebtext import decode_with_masks
 from datamodules.packing import BlockCache, count_documents, file_identity, hub_documents, read_documents
 from datamodules.tokenizer import load_tokenizer
+from lightning_md4.paths import not_a_file
 
 PATH_KEY = "data.init_args.path"
 DETOKENIZER_VERSION = 2  # part of the cache key: bump when a detokenizer changes
@@ -166,7 +167,7 @@ class ZeroShotDataModule(TokenDataModule):
         self.set = SETS[name]
         self.path = None if path is None else Path(path).expanduser()
         if self.path is not None and not self.path.is_file():
-            raise DataError(f"zero-shot file {self.path} does not exist; set {PATH_KEY} to a local copy of {name}")
+            raise DataError(f"zero-shot file {self.path} {not_a_file(self.path)}; set {PATH_KEY} to a local copy of {name}")
         self.tokenizer = load_tokenizer(tokenizer)
         source = {"hub": list(self.set.hub)} if self.path is None else {"files": file_identity([self.path])}
         key = {"set": name, "detokenizer": DETOKENIZER_VERSION, "tokenizer": self.tokenizer.fingerprint,

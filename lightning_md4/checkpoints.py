@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_md4.paths import not_a_file
+
 
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none)."""
@@ -27,7 +29,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass --ckpt_path with a .ckpt file of a fit run")
+        raise CheckpointError(f"checkpoint {path} {not_a_file(path)}; pass --ckpt_path with a .ckpt file of a fit run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files

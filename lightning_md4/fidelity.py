@@ -16,6 +16,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from lightning_md4.paths import not_a_file
+
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 # Two tensors of torch-fidelity's InceptionV3 state dict, to recognise a weights file.
 INCEPTION_SHAPES = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "fc.weight": (1008, 2048)}
@@ -46,7 +48,7 @@ def inception_weights(path: str | Path | None = None) -> Path:
     if path is not None:
         weights = Path(path).expanduser()
         if not weights.is_file():
-            raise FidelityError(f"Inception weights {weights} do not exist. {remedy}")
+            raise FidelityError(f"Inception weights {weights} {not_a_file(weights)}. {remedy}")
     else:
         weights = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
         if not weights.is_file():
