@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from lightning_md4.checkpoints import FitCheckpoint, default_device, default_precision
+from lightning_md4.checkpoints import FitCheckpoint, default_device, default_precision, first_line
 
 # The sampler's time grids (lightning_md4.diffusion.sampling.GRIDS, which imports torch).
 Grid = Literal["uniform", "cosine"]
@@ -29,7 +29,7 @@ class UsageError(ValueError):
 
 
 def sample(ckpt_path: str, num_samples: PositiveInt = 64, steps: PositiveInt = 256, grid: Grid = "cosine",
-           guidance: float = 0.0, seed: int = 0, device: str | None = None, output: str = "samples.png") -> None:
+           guidance: float = 0.0, seed: int = 0, device: str | None = None, output: str | None = None) -> None:
     """Draw samples from a checkpoint (its EMA weights) into a PNG grid or a text file.
 
     Args:
@@ -40,14 +40,16 @@ def sample(ckpt_path: str, num_samples: PositiveInt = 64, steps: PositiveInt = 2
         guidance: classifier-free guidance scale (class-conditional models, which draw the classes in turn)
         seed: seed of the sampler's draws
         device: default: cuda if there is a GPU, else cpu
-        output: PNG for image data; for text data a text file of one sample per line
+        output: a PNG grid for image data (default samples.png); for text data a text file of one sample per
+            line (default samples.txt)
     """
     import torch
 
     from lightning_md4.callbacks import save_samples
 
-    device = device or default_device()
+    device = resolve_device(device)
     model, datamodule = load_sampler(ckpt_path, device, guidance)
+    output = sample_output(output, ckpt_path, datamodule)
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens, nfe = model.sample(num_samples, steps, grid, generator=generator, guidance=guidance)
     texts = datamodule.decode(tokens.cpu())
@@ -91,7 +93,7 @@ def evaluate_samples(ckpt_path: str, num_samples: PositiveInt = 50000, steps: Po
 
     fidelity.check_isc_splits(num_samples, isc_splits)
     weights = fidelity.inception_weights(inception_weights)  # fail before sampling, not after
-    device = device or default_device()
+    device = resolve_device(device)
     model, datamodule = load_sampler(ckpt_path, device, guidance)
     if not hasattr(datamodule, "reference_images"):
         raise CheckpointError(f"{ckpt_path} is a model of {type(datamodule).__name__}, not of images; "
@@ -213,7 +215,7 @@ def genppl(ckpt_path: str, scorer: str = "gpt2-large", num_samples: PositiveInt 
     from lightning_md4.evaluation import (ar_nll, causal_lm_nll, is_checkpoint_path, load_ar_scorer, load_causal_lm,
                                           perplexity, unigram_entropy)
 
-    device = device or default_device()
+    device = resolve_device(device)
     ckpt = FitCheckpoint.read(ckpt_path)
     # The scorer is checked before anything is sampled.
     if is_checkpoint_path(scorer):
@@ -253,6 +255,51 @@ def genppl(ckpt_path: str, scorer: str = "gpt2-large", num_samples: PositiveInt 
     print(f"{type(model).__name__} {ckpt.path}: {num_samples} samples, {steps} steps ({grid} grid); "
           f"generative perplexity under {scorer} {result['generative_perplexity']:.2f} over {count:,} tokens, "
           f"unigram entropy {result['unigram_entropy']:.3f} nats; saved to {result_file}")
+
+
+def resolve_device(device: str | None) -> str:
+    """``device``, checked against this machine (a GPU asked for where there is none is a one-line
+    error, not torch's traceback as it moves the weights); ``None``: cuda if there is a GPU, else cpu."""
+    import torch
+
+    if device is None:
+        return default_device()
+    try:
+        kind = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"--device {device} is not a device ({first_line(err)}); pass cpu, cuda or cuda:N") from None
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {device}: this machine has no CUDA GPU that torch can use; pass --device cpu, "
+                             "or leave --device out (cuda where there is a GPU, else cpu)")
+        if kind.index is not None and kind.index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA GPU{'s' if count > 1 else ''}, "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: this machine has no MPS device; pass --device cpu")
+    elif kind.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: md4 runs on cpu, cuda or mps")
+    return device
+
+
+def sample_output(output: str | None, ckpt_path: str, datamodule: Any) -> Path:
+    """The file ``md4 sample`` writes: a PNG grid for an image model, a text file otherwise (one
+    sample per line). An ``--output`` of the other kind is refused before anything is sampled."""
+    import torch
+
+    data = type(datamodule).__name__
+    images = datamodule.to_images(torch.zeros(1, datamodule.seq_len, dtype=torch.long)) is not None
+    if output is None:
+        return Path("samples.png" if images else "samples.txt")
+    png = Path(output).suffix.lower() == ".png"
+    if images and not png:
+        raise UsageError(f"--output {output}: {ckpt_path} is a model of images ({data}), whose samples are a PNG "
+                         "grid; pass --output FILE.png")
+    if png and not images:
+        raise UsageError(f"--output {output}: {ckpt_path} is a model of {data}, whose samples are written as text, "
+                         "one per line; pass --output FILE.txt")
+    return Path(output)
 
 
 def load_sampler(ckpt_path: str, device: str, guidance: float) -> tuple[Any, Any]:
