@@ -12,6 +12,7 @@ that alpha(0) = 1 - eps and alpha(1) = eps. All inputs are tensors of times in [
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -188,6 +189,10 @@ SCHEDULES: dict[str, type[Schedule]] = {
     "cosine": Cosine,
     "geometric": Geometric,
 }
+# The names of SCHEDULES as a type, so that a method's ``schedule`` option lists its choices in
+# ``md4 fit --model.help MD4`` and refuses any other name as it parses (tests/test_preflight.py
+# checks that the two agree).
+ScheduleName = Literal["linear", "loglinear", "polynomial", "cosine", "geometric"]
 
 
 def make_schedule(name: str, **kwargs: float) -> Schedule:

@@ -11,7 +11,7 @@ from lightning_md4.diffusion.masked import MaskedDiffusion
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
 from lightning_md4.modules.registry import register_method
 from lightning_md4.nets import NetworkConfig
-from lightning_md4.diffusion.schedules import make_schedule
+from lightning_md4.diffusion.schedules import ScheduleName, make_schedule
 
 
 @register_method(process="lightning_md4.diffusion.masked", state_spaces=("absorbing",), samplers=("ancestral",),
@@ -20,7 +20,7 @@ class MD4(DiffusionModule):
     """MD4 (Shi et al. 2024): the continuous-time ELBO as a weighted cross-entropy.
 
     Args:
-        schedule: ``linear``, ``cosine``, ``polynomial`` or ``geometric``.
+        schedule: ``linear``, ``cosine``, ``polynomial``, ``geometric`` or ``loglinear``.
         schedule_kwargs: the schedule's parameters, e.g. ``{k: 2.0}`` for polynomial,
             ``{clip_eps: 1e-4}`` for the official code's clipping.
         logits_at: ``masked`` runs the output head on masked positions only (same loss, fewer
@@ -33,7 +33,7 @@ class MD4(DiffusionModule):
         (the rest: see ``DiffusionModule``)
     """
 
-    def __init__(self, vocab_size: int, seq_len: int, schedule: str = "linear",
+    def __init__(self, vocab_size: int, seq_len: int, schedule: ScheduleName = "linear",
                  schedule_kwargs: dict[str, float] | None = None, network: NetworkConfig | None = None,
                  optim: OptimConfig | None = None, antithetic: bool = True, seed: int = 0,
                  eval_seed: int = 0, logits_at: Literal["all", "masked"] = "all",

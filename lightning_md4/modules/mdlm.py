@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from lightning_md4.diffusion.schedules import make_schedule
+from lightning_md4.diffusion.schedules import ScheduleName, make_schedule
 from lightning_md4.diffusion.subs import SubsMaskedDiffusion
 from lightning_md4.modules.base import DiffusionModule, OptimConfig
 from lightning_md4.modules.registry import register_method
@@ -16,7 +16,7 @@ class MDLM(DiffusionModule):
     """MDLM. Args: ``schedule`` and ``schedule_kwargs`` as MD4's (MDLM: ``loglinear``, eps 1e-3);
     the rest: see ``DiffusionModule``."""
 
-    def __init__(self, vocab_size: int, seq_len: int, schedule: str = "loglinear",
+    def __init__(self, vocab_size: int, seq_len: int, schedule: ScheduleName = "loglinear",
                  schedule_kwargs: dict[str, float] | None = None, network: NetworkConfig | None = None,
                  optim: OptimConfig | None = None, antithetic: bool = True, seed: int = 0,
                  eval_seed: int = 0) -> None:
