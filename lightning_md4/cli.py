@@ -29,6 +29,7 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Defaul
 from lightning_md4.checkpoints import default_precision, first_line, load_checkpoint
 from lightning_md4.commands import COMMANDS, UsageError
 from lightning_md4.modules.registry import DEFAULT_EVAL_OPTIONS, method_names, method_of, methods
+from lightning_md4.preflight import HeldBanner, check_command_line, options_epilog
 
 # LightningCLI's subcommands (no predict: the models have no predict_step) with their line of
 # ``md4 --help``; LightningCLI itself parses their options.
@@ -150,6 +151,7 @@ def lightning_cli(argv: list[str] | None) -> None:
             return {name: LightningCLI.subcommands()[name] for name in LIGHTNING_COMMANDS}
 
         def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.epilog = options_epilog()  # the options of --model and --data are per class
             parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
             parser.link_arguments("data.seq_len", "model.init_args.seq_len", apply_on="instantiate")
             # The evaluation protocol belongs to the run, not the model: not saved in checkpoints.
@@ -190,6 +192,7 @@ def lightning_cli(argv: list[str] | None) -> None:
                 super().instantiate_classes()
             except (ValueError, TypeError) as err:  # a value its class refused, e.g. an unknown schedule
                 raise ConfigError(first_line(innermost_value_error(err))) from err
+            self.trainer.callbacks.append(banner.callback())  # shows the banner once the data is set up
             cfg = self.config_init[self.subcommand]
             try:
                 self.model.configure_evaluation(cfg.eval_draws, cfg.eval_T)
@@ -273,9 +276,18 @@ def lightning_cli(argv: list[str] | None) -> None:
 
     # Configs write ${trainer.default_root_dir}; omegaconf+ resolves it after command-line overrides.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    MD4CLI(DiffusionModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
-           parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False, "allow_abbrev": False},
-           save_config_callback=RunRecord, save_config_kwargs={"overwrite": True}, args=argv)
+    # No "Seed set to 0" or "GPU available" line before an error: the banner waits for the run.
+    banner = HeldBanner().hold()
+    try:
+        MD4CLI(DiffusionModule, TokenDataModule, subclass_mode_model=True, subclass_mode_data=True,
+               parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False, "allow_abbrev": False},
+               save_config_callback=RunRecord, save_config_kwargs={"overwrite": True}, args=argv)
+    except BaseException as err:
+        if isinstance(err, SystemExit) and not err.code:  # --help, --print_config
+            banner.release()
+        banner.drop()
+        raise
+    banner.release()
 
 
 def innermost_value_error(err: BaseException) -> BaseException:
@@ -518,6 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     try:
+        check_command_line(argv, LIGHTNING_COMMANDS)  # before torch: seconds sooner
         if argv[:1] and argv[0] in LIGHTNING_COMMANDS:
             check_method_argument(argv)
             check_ckpt_argument(argv)
@@ -542,13 +555,14 @@ def error_line(err: Exception, argv: list[str]) -> str:
 
 def user_error(err: BaseException | None) -> BaseException | None:
     """The bad-input error behind ``err``, if any: jsonargparse wraps errors raised while it
-    instantiates the model and data, so look along the chain of causes."""
-    from datamodules.base import DataError
-    from lightning_md4.fidelity import FidelityError
-    from lightning_md4.modules.base import CheckpointError
-
-    user_errors = (UsageError, ConfigError, DataError, CheckpointError, FileNotFoundError, FloatingPointError,
-                   FidelityError)
+    instantiates the model and data, so look along the chain of causes. The error classes of
+    modules that import torch are looked up only where those modules were imported (an error
+    found before torch is not one of theirs), so that a one-line error never waits for torch."""
+    user_errors: tuple[type, ...] = (UsageError, ConfigError, FileNotFoundError, FloatingPointError)
+    for module, name in (("datamodules.base", "DataError"), ("lightning_md4.modules.base", "CheckpointError"),
+                         ("lightning_md4.fidelity", "FidelityError")):
+        if module in sys.modules:
+            user_errors += (getattr(sys.modules[module], name),)
     while err is not None:
         if isinstance(err, user_errors):
             return err
