@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
@@ -431,8 +432,10 @@ class TokenDataModule(pl.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
         world_size, rank = self._world()
-        sampler = (ResumableDistributedSampler(self.train_set, self.batch_size, world_size, rank) if world_size > 1
-                   else ResumableRandomSampler(self.train_set, self.batch_size))
+        # A parallel strategy (DDP, FSDP) replaces any other sampler by a DistributedSampler, also on one process.
+        parallel = self.trainer is not None and isinstance(getattr(self.trainer, "strategy", None), ParallelStrategy)
+        sampler = (ResumableDistributedSampler(self.train_set, self.batch_size, world_size, rank)
+                   if world_size > 1 or parallel else ResumableRandomSampler(self.train_set, self.batch_size))
         loader = self._loader(self.train_set, self.batch_size, drop_last=True, sampler=sampler,
                               loader_class=ResumableLoader)
         if self._train_loader_state:

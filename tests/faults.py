@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+from lightning_md4.checkpointing import DurableCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")
@@ -59,6 +63,33 @@ class SigtermAt(pl.Callback):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class ValLog(pl.Callback):
+    """Appends ``step val/nelbo`` after every validation (not the sanity check) to ``path``, on global rank 0."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step} {float(trainer.callback_metrics['val/nelbo']):.10e}\n")
+
+
+class SaveLog(DurableCheckpointIO):
+    """md4's checkpoint writer, appending ``pid global_step path`` to ``path`` for every file it writes:
+    how a test sees which process wrote which checkpoint, and how often."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()} {checkpoint.get('global_step')} {path}\n")
+
+
 def read_losses(path: Path) -> dict[int, float]:
     """``{step: loss}`` of a LossLog file; a step logged twice (a resumed run repeating it) must agree."""
     losses: dict[int, float] = {}
@@ -82,17 +113,24 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
 
 
-def callbacks_config(path: Path, loss_log: Path, *extra: str) -> Path:
+def callbacks_config(path: Path, loss_log: Path, *extra: str, val_log: Path | None = None,
+                     save_log: Path | None = None) -> Path:
     """A config that replaces digits.yaml's callbacks by its checkpoints, its EMA and a LossLog
     (no sample grids, which would dominate a tiny run's time), plus ``extra`` callbacks (YAML list
-    items, e.g. ``"{class_path: faults.SigtermAt, init_args: {step: 5}}"``)."""
+    items, e.g. ``"{class_path: faults.SigtermAt, init_args: {step: 5}}"``), a ValLog into
+    ``val_log`` and a SaveLog checkpoint writer into ``save_log``."""
     items = ['{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: '
              '"${trainer.default_root_dir}/checkpoints", save_last: true, monitor: val/nelbo, filename: "best-{step}"}}',
              '{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {dirpath: '
              '"${trainer.default_root_dir}/checkpoints", save_top_k: 2, monitor: step, mode: max}}',
              "{class_path: lightning_md4.speed_callbacks.ForeachEMA, init_args: {decay: 0.995, warmup: true}}",
              f"{{class_path: faults.LossLog, init_args: {{path: '{loss_log}'}}}}", *extra]
-    path.write_text("trainer:\n  callbacks:\n" + "".join(f"    - {item}\n" for item in items))
+    if val_log is not None:
+        items.append(f"{{class_path: faults.ValLog, init_args: {{path: '{val_log}'}}}}")
+    text = "trainer:\n  callbacks:\n" + "".join(f"    - {item}\n" for item in items)
+    if save_log is not None:
+        text += f"  plugins:\n    - {{class_path: faults.SaveLog, init_args: {{path: '{save_log}'}}}}\n"
+    path.write_text(text)
     return path
 
 
@@ -108,3 +146,61 @@ def env(**more: str) -> dict[str, str]:
     """The environment of a test's subprocesses: one thread, ``tests/`` importable (these callbacks)."""
     path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **more}
+
+
+class Pause(pl.Callback):
+    """Sleeps ``seconds`` after every training batch from global step ``after`` on: a slower run, so
+    that a test's kill lands where it means to (it changes no number)."""
+
+    def __init__(self, after: int, seconds: float) -> None:
+        self.after, self.seconds = after, seconds
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.after:
+            time.sleep(self.seconds)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it (torchrun starts its workers in sessions of their own)."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.1)
+    return False
