@@ -48,7 +48,7 @@ def inception_weights(path: str | Path | None = None) -> Path:
     if path is not None:
         weights = Path(path).expanduser()
         if not weights.is_file():
-            raise FidelityError(f"Inception weights {weights} {not_a_file(weights)}. {remedy}")
+            raise FidelityError(f"Inception weights file {weights} {not_a_file(weights)}. {remedy}")
     else:
         weights = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
         if not weights.is_file():

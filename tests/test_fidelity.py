@@ -85,7 +85,7 @@ def test_inception_score_is_exp_of_the_mean_kl_to_the_marginal(weights, tmp_path
 
 
 def test_weights_errors_name_the_problem_and_the_fix(tmp_path, monkeypatch):
-    with pytest.raises(FidelityError, match="nowhere.pth do not exist.*--inception_weights"):
+    with pytest.raises(FidelityError, match="nowhere.pth does not exist.*--inception_weights"):
         inception_weights(tmp_path / "nowhere.pth")
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
