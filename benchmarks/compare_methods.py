@@ -45,6 +45,11 @@ class Row:
     passes: int = 1  # network passes per training step
     noise_seeded: bool = True  # takes model.init_args.seed (the training noise); AR has no noise
 
+    @property
+    def method(self) -> str:
+        """The registered method the row trains (its ``--model``)."""
+        return next(arg.split("=", 1)[1] for arg in self.args if arg.startswith("--model="))
+
 
 ROWS = (
     Row("MD4", ("--model=MD4", "--model.init_args.schedule=linear", "--model.init_args.schedule_kwargs={clip_eps: 1.0e-4}"),

@@ -7,7 +7,9 @@ import re
 import pandas as pd
 import pytest
 
+from benchmarks.compare_methods import ROWS
 from benchmarks.scoring import compare, score
+from lightning_md4.modules.registry import method_names
 from conftest import ROOT, md4
 
 T_975_2 = 4.302652729911275  # the 97.5% quantile of Student's t with 2 degrees of freedom
@@ -58,3 +60,7 @@ def test_score_is_what_md4_test_prints_and_measures_its_own_spread(tmp_path):
     assert four.bpt != one.bpt and 0 < four.sd_one < 0.5  # other eval seeds: other draws, a measured spread
     assert four.se == pytest.approx(four.sd_one / 2)
     assert four.exact_bpt is None  # MD4 has no T-term sum
+
+
+def test_every_registered_method_has_a_row_and_every_row_a_registered_method():
+    assert {row.method for row in ROWS} == set(method_names())
