@@ -414,7 +414,8 @@ def option_differences(mine: Mapping[str, Any], theirs: Mapping[str, Any],
 
 
 def reconcile_options(built: Mapping[str, Any], saved: Mapping[str, Any], given: Iterable[str],
-                      eval_options: Iterable[str] = DEFAULT_EVAL_OPTIONS) -> tuple[dict[str, Any], list[tuple[str, Any, Any]]]:
+                      eval_options: Iterable[str] = DEFAULT_EVAL_OPTIONS
+                      ) -> tuple[dict[str, Any], list[tuple[str, Any, Any]]]:
     """The model options of ``md4 validate``/``test`` against the checkpoint's.
 
     ``built``: the hyper-parameters of the model built from the command line, defaults included;

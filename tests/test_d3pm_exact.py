@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from exact import ExactDenoiser, empirical_tv, random_distribution
+from exact import ExactDenoiser, empirical_tv, mc_tolerance, random_distribution
 from lightning_md4.diffusion import MaskedDiffusion
 from d3pm_reference import eps_loss
 from lightning_md4.diffusion.d3pm import AbsorbingD3PM, D3PMProcess, make_d3pm
@@ -568,14 +568,6 @@ def tv(p: torch.Tensor, q: torch.Tensor) -> float:
 def empirical_law(samples: torch.Tensor) -> torch.Tensor:
     codes = (samples * V ** torch.arange(N - 1, -1, -1)).sum(-1)
     return torch.bincount(codes, minlength=V**N).double() / len(samples)
-
-
-def mc_tolerance(law: torch.Tensor, draws: int) -> float:
-    """A bound on TV(empirical law of ``draws`` i.i.d. draws, ``law``) that fails with probability
-    < 1e-7: E[TV] <= 1/2 sum_k sqrt(p_k (1 - p_k) / draws) (Jensen), and TV moves by at most
-    1/draws per draw, so P(TV > E[TV] + eps) <= exp(-2 eps^2 draws) (McDiarmid); eps = 0.015 at
-    40000 draws gives exp(-18)."""
-    return 0.5 * (law * (1 - law) / draws).sqrt().sum().item() + math.sqrt(18 / (2 * draws))
 
 
 DRAWS = 40000

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_md4.diffusion.exact import EnumeratedLaw
 from lightning_md4.diffusion.sampling import Denoiser, sample_categorical
 from lightning_md4.nets.transformer import KVCache
 
@@ -75,6 +76,15 @@ class Autoregressive:
     def nll(self, denoiser: Denoiser, x0: Tensor) -> Tensor:
         """The exact negative log-likelihood ``-log p(x0)`` in nats per sequence ``[B]``."""
         return -self.token_log_probs(denoiser, x0).sum(-1)
+
+    # -- exact answers on an enumerable law ---------------------------------------------------------
+    def exact_denoiser(self, law: EnumeratedLaw) -> ExactCausalNet:
+        """The exact conditionals of ``law`` as a causal network (with ``decode``, for the sampler)."""
+        return ExactCausalNet(law, self.bos_id)
+
+    def expected_nelbo(self, law: EnumeratedLaw) -> float:
+        """E over x0 ~ ``law`` of the NLL with the exact conditionals: the entropy (the NLL is exact)."""
+        return law.entropy()
 
     # -- sampling ----------------------------------------------------------------------------
     def initial_tokens(self, shape: tuple[int, int], x: Tensor | None, device: torch.device | str | None
@@ -149,3 +159,33 @@ class Autoregressive:
             draw = sample_categorical(probs, generator)
             x[:, i] = torch.where(free[:, i], draw, x[:, i])
         return x, nfe
+
+
+class ExactCausalNet:
+    """``log p(x_i | x_<i)`` of an enumerated law, called like the causal network: ``net(x [B, n], t)``
+    reads ``[BOS, x_0, ..., x_{n-2}]`` and gives the log-probabilities ``[B, n, V]`` of ``x_0 ... x_{n-1}``;
+    ``decode`` reads the positions one call at a time (the prefix is kept on the cache object)."""
+
+    vocab_size: int
+    num_classes = 0
+
+    def __init__(self, law: EnumeratedLaw, bos_id: int) -> None:
+        self.law, self.bos_id, self.vocab_size = law, bos_id, law.vocab_size
+
+    def __call__(self, x: Tensor, t: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+        B, n = x.shape
+        seen = x[:, 1:]  # x_0 .. x_{n-2}
+        out = []
+        for i in range(n):  # position i knows x_<i
+            known = torch.arange(self.law.seq_len, device=x.device) < i  # [N]
+            token = torch.zeros(B, self.law.seq_len, dtype=torch.long, device=x.device)
+            token[:, :i] = seen[:, :i]
+            lik = torch.where(known[None, :, None],
+                              F.one_hot(token, self.vocab_size).double(), torch.ones(1, dtype=torch.float64))
+            out.append(self.law.log_posterior(lik)[:, i])
+        return torch.stack(out, dim=1)
+
+    def decode(self, tokens: Tensor, cache: KVCache, y: Tensor | None = None) -> Tensor:
+        prefix = getattr(cache, "exact_prefix", tokens[:, :0])
+        cache.exact_prefix = prefix = torch.cat([prefix, tokens], dim=1)  # type: ignore[attr-defined]
+        return self(prefix)[:, -tokens.shape[1]:]

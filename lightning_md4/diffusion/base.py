@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_md4.diffusion.exact import EnumeratedLaw
 from lightning_md4.diffusion.streams import uniform_times
 from lightning_md4.diffusion.sampling import CachedDenoiser, Denoiser, is_time_conditioned, time_grid
 
@@ -96,6 +98,76 @@ class DiffusionProcess(ABC):
         update (``active(x, free)``, never empty). Draws in float64. Returns the new tokens.
         """
 
+    # -- exact answers on an enumerable law (lightning_md4.diffusion.exact) ----------------------
+    def hit_probability(self, t: Tensor) -> Tensor:
+        """``[B, V]`` float64: the probability that a token whose clean value is v has been hit by
+        the noise (masked, or redrawn) by the times ``t [B]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no hit_probability")
+
+    def input_hit_probability(self, time: Tensor) -> Tensor:
+        """``hit_probability`` from what the denoiser is told, ``network_time(t)`` (t by default)."""
+        return self.hit_probability(time)
+
+    def kernel(self, p: Tensor) -> Tensor:
+        """``q(x_t[n] = s | x0[n] = v)`` ``[B, V, S]`` from hit probabilities ``p [B, V]`` (the state space's)."""
+        raise NotImplementedError
+
+    def noise_for(self, x0: Tensor, xt: Tensor, p: Tensor) -> Tensor:
+        """Uniforms ``[B, N]`` with which ``corrupt(x0, noise, p)`` gives ``xt`` (a reachable x_t; ``p``
+        the hit probabilities ``[B, N]`` of the tokens): the state space's inverse of ``corrupt``,
+        so that ``nelbo`` can be evaluated at every x_t of an enumerable law."""
+        raise NotImplementedError
+
+    def time_nodes(self, n: int = 64) -> tuple[Tensor, Tensor]:
+        """Times ``t [Q]`` and weights ``[Q]`` (summing to 1) with ``sum_q w_q f(t_q) = E_u f(t(u))``
+        (``t(u) = time_from_uniform(u)``, u ~ U[0, 1)) for the way ``nelbo`` depends on t:
+        Gauss-Legendre in ``u = v^3``, whose nodes gather near t_min, where the integrands of
+        continuous-time bounds vary fastest. A discrete-time process overrides it."""
+        v, w = np.polynomial.legendre.leggauss(n)
+        v, w = torch.tensor((v + 1) / 2, dtype=torch.float64), torch.tensor(w / 2, dtype=torch.float64)
+        return self.time_from_uniform(v**3), w * 3 * v**2
+
+    def exact_output(self, log_posterior: Tensor, xt: Tensor, kernel: Tensor) -> Tensor:
+        """What the optimal network outputs at ``xt [B, N]``, given the exact ``log p(x0[n] = v | xt)``
+        ``[B, N, V]`` and the kernel ``[B, V, S]`` at its time: the log-posterior itself for an
+        x0-predicting process; a process that parameterises its output otherwise overrides this."""
+        return log_posterior
+
+    def exact_denoiser(self, law: EnumeratedLaw) -> Denoiser:
+        """The optimal denoiser for the data law ``law``: ``denoiser(xt [B, N], time [B])`` with the
+        time this process feeds its network, float64 outputs."""
+
+        def exact(xt: Tensor, time: Tensor) -> Tensor:
+            kernel = self.kernel(self.input_hit_probability(time))  # [B, V, S]
+            seen = kernel.gather(2, xt[:, None, :].expand(-1, kernel.shape[1], -1)).transpose(1, 2)  # [B, N, V]
+            return self.exact_output(law.log_posterior(seen), xt, kernel)
+
+        def denoiser(xt: Tensor, time: Tensor) -> Tensor:
+            # Once per distinct (x_t, time): a sampler's batch holds few distinct rows.
+            time = time.double().to(xt.device)
+            times, when = torch.unique(time, return_inverse=True)
+            code = (xt * (self.vocab_size + 1) ** torch.arange(xt.shape[1], device=xt.device)).sum(-1)
+            _, inverse = torch.unique(code * len(times) + when, return_inverse=True)
+            first = torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=xt.device)
+            first.scatter_(0, inverse, torch.arange(len(xt), device=xt.device))  # a row of each kind
+            return exact(xt[first], time[first])[inverse]
+
+        return denoiser
+
+    def expected_nelbo(self, law: EnumeratedLaw) -> float:
+        """E over x0 ~ ``law`` of ``nelbo`` with the exact denoiser, in closed form (nats per
+        sequence): ``I(X0; X_tmin) - I(X0; X_1)`` plus the endpoint terms' expectation (module
+        docstring of :mod:`lightning_md4.diffusion.exact`)."""
+        def at(t: float) -> Tensor:
+            return self.kernel(self.hit_probability(torch.tensor([t], dtype=torch.float64)))[0]
+
+        return law.information(at(self.t_min)) - law.information(at(1.0)) + self.expected_endpoint_terms(law)
+
+    def expected_endpoint_terms(self, law: EnumeratedLaw) -> float:
+        """E over x0 ~ ``law`` of the endpoint terms ``nelbo`` adds (a constant ``endpoint_terms(N)``
+        by default)."""
+        return float(self.endpoint_terms(law.seq_len))  # type: ignore[attr-defined]
+
     def sample(self, denoiser: Denoiser, shape: tuple[int, int], steps: int, grid: str = "uniform",
                generator: Generator = None, x: Tensor | None = None, device: torch.device | str | None = None,
                cache: bool | None = None, return_nfe: bool = False) -> Tensor | tuple[Tensor, int]:
@@ -126,6 +198,16 @@ class AbsorbingState:
     def unfinished(self, x: Tensor) -> Tensor:
         return x == self.mask_id
 
+    def noise_for(self, x0: Tensor, xt: Tensor, p: Tensor) -> Tensor:
+        """0 where ``xt`` is masked, just below 1 where it kept ``x0``."""
+        return torch.where(xt == self.mask_id, 0.0, 1.0 - 1e-15).double()
+
+    def kernel(self, p: Tensor) -> Tensor:
+        """``[B, V, V + 1]``: a token stays with probability 1 - p, else it is the mask (column V)."""
+        p = p.double()
+        stay = torch.diag_embed(1.0 - p)  # [B, V, V]
+        return torch.cat([stay, p[..., None]], dim=-1)
+
 
 class UniformState:
     """Tokens ``0..V-1`` only; noise redraws a token uniformly (possibly to itself)."""
@@ -151,6 +233,18 @@ class UniformState:
 
     def active(self, x: Tensor, free: Tensor) -> Tensor:
         return free
+
+    def noise_for(self, x0: Tensor, xt: Tensor, p: Tensor) -> Tensor:
+        """The uniform that ``corrupt`` redraws to ``xt`` (to itself where it equals ``x0``), or just
+        below 1 (not hit) where the hit probability is 0."""
+        p = p.double()
+        return torch.where(p > 0, p * (xt.double() + 0.5) / self.vocab_size, 1.0 - 1e-15)
+
+    def kernel(self, p: Tensor) -> Tensor:
+        """``[B, V, V]``: a token stays with probability 1 - p, else it is redrawn uniformly."""
+        p = p.double()
+        eye = torch.eye(p.shape[-1], dtype=torch.float64, device=p.device)
+        return (1.0 - p)[..., None] * eye + (p / p.shape[-1])[..., None]
 
 
 def _start(shape: tuple[int, int], fill: int, x: Tensor | None, device: torch.device | str | None) -> Tensor:

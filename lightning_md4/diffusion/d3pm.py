@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_md4.diffusion.base import AbsorbingState, DiffusionProcess, UniformState
+from lightning_md4.diffusion.exact import EnumeratedLaw
 from lightning_md4.diffusion.sampling import Denoiser, sample_categorical
 from lightning_md4.diffusion.schedules import Linear, Schedule, ShiftedCosine
 
@@ -342,6 +343,46 @@ class D3PMProcess(DiffusionProcess):
             kl, _ = self.terms(denoiser(xt, self._t_input(t)), xb, xt, t)
             total = total + kl.double().view(len(steps), B).sum(0)
         return total
+
+    # -- exact answers ---------------------------------------------------------------------
+    def hit_probability(self, t: Tensor) -> Tensor:
+        """1 - abar at the steps ``step_index(t)`` that the loss draws x_t at for the times t."""
+        return self.one_minus_alpha(self.step_index(t))[:, None].expand(-1, self.vocab_size)
+
+    def input_hit_probability(self, time: Tensor) -> Tensor:
+        """1 - abar at the step the network is told, ``time = t_index / T``."""
+        return self.one_minus_alpha(self.step_of(time))[:, None].expand(-1, self.vocab_size)
+
+    def time_nodes(self, n: int = 0) -> tuple[Tensor, Tensor]:
+        """The loss is constant on each step's interval of t: its midpoints, weight 1 / T each."""
+        return (torch.arange(1, self.T + 1, dtype=torch.float64) - 0.5) / self.T, torch.full((self.T,), 1.0 / self.T,
+                                                                                             dtype=torch.float64)
+
+    @torch.no_grad()
+    def expected_nelbo(self, law: EnumeratedLaw, steps_per_call: int = 100) -> float:
+        """E over x0 ~ ``law`` of L_vb with the exact denoiser: every term ``KL_t`` summed over all
+        T steps and every reachable x_t (a discrete-time bound: no closed form over t)."""
+        denoiser = self.exact_denoiser(law)
+        total = float((law.probs * self.prior_kl(law.configs)).sum())
+        for start in range(1, self.T + 1, steps_per_call):
+            rows = []
+            for t in range(start, min(start + steps_per_call, self.T + 1)):
+                x0, xt, weight = law.reachable(self.kernel(self.one_minus_alphas[t].expand(1, self.vocab_size))[0])
+                rows.append((x0, xt, weight, torch.full((len(x0),), t, dtype=torch.long)))
+            x0, xt, weight, t_index = (torch.cat(parts) for parts in zip(*rows))
+            kl, _ = self.terms(denoiser(xt, self._t_input(t_index)), x0, xt, t_index)
+            total += float((weight * kl.double()).sum())
+        return total
+
+    def exact_output(self, log_posterior: Tensor, xt: Tensor, kernel: Tensor) -> Tensor:
+        """The best x0-predictor is ``q(x0 | x_t) / q(x_t | x0)``, normalised (module docstring: the
+        weighting by q(x_t | x0) in the reverse step); for the absorbing kernel at a masked position
+        the divisor is the same for every x0, so it is the posterior itself there."""
+        log_k_seen = kernel.log().gather(2, xt[:, None, :].expand(-1, self.vocab_size, -1)).transpose(1, 2)
+        # A clean value that cannot give what is seen (K = 0, e.g. another token at an unmasked
+        # position) has posterior 0.
+        ratio = torch.where(torch.isfinite(log_k_seen), log_posterior - log_k_seen, -torch.inf)
+        return torch.log_softmax(ratio, dim=-1)
 
     # -- sampling --------------------------------------------------------------------------
     def sampling_times(self, times: Tensor) -> Tensor:

@@ -74,6 +74,17 @@ class GenMaskedDiffusion(AbsorbingState, DiffusionProcess):
         w = self.schedule.w.detach().double()[x0]
         return self.corrupt(x0, noise, self.schedule.mask_prob(w, t.double()[:, None]))
 
+    def hit_probability(self, t: Tensor) -> Tensor:
+        """1 - alpha_t(v) ``[B, V]`` float64: each value masks at its own rate."""
+        w = self.schedule.w.detach().double().to(t.device)
+        return self.schedule.mask_prob(w[None], t.double()[:, None])
+
+    def expected_endpoint_terms(self, law) -> float:
+        """E over x0 ~ ``law`` of the reconstruction (which depends on x0 through w) and the prior."""
+        with torch.no_grad():
+            terms = self.endpoint_terms(law.configs.to(self.schedule.raw.device)).double().cpu()
+        return float((law.probs * terms).sum())
+
     def log_q(self, x0: Tensor, t: Tensor, mask: Tensor) -> Tensor:
         """log q(xt | x0) ``[B]`` in closed form, differentiable in w."""
         w = self.schedule.w[x0]  # [B, N]

@@ -68,6 +68,10 @@ class MaskedDiffusion(AbsorbingState, DiffusionProcess):
             noise = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
         return self.corrupt(x0, noise, self.schedule.one_minus_alpha(t.double())[:, None])
 
+    def hit_probability(self, t: Tensor) -> Tensor:
+        """1 - alpha(t) for every token value, ``[B, V]`` float64."""
+        return self.schedule.one_minus_alpha(t.double())[:, None].expand(-1, self.vocab_size)
+
     def endpoint_terms(self, seq_len: int) -> float:
         """Reconstruction plus prior terms in nats per sequence (see the class docstring)."""
         zero, one = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)

@@ -165,6 +165,14 @@ class ScoreEntropyDiffusion(DiffusionProcess):
     def network_time(self, t: Tensor) -> Tensor:
         return self.sigma_bar(t)
 
+    # -- exact answers ---------------------------------------------------------------------
+    def hit_probability(self, t: Tensor) -> Tensor:
+        return self.one_minus_alpha(t)[:, None].expand(-1, self.vocab_size)
+
+    def input_hit_probability(self, time: Tensor) -> Tensor:
+        """The network is told sigma_bar: a token has been hit with probability 1 - exp(-sigma_bar)."""
+        return (-torch.expm1(-time.double()))[:, None].expand(-1, self.vocab_size)
+
     @abstractmethod
     def reverse_probs(self, raw: Tensor, x: Tensor, t: Tensor, s: Tensor | None, method: str | None = None) -> Tensor:
         """Transition probabilities of one reverse step t -> s for M positions, float64 ``[M, S]``.
@@ -240,6 +248,10 @@ class AbsorbingSEDD(AbsorbingState, ScoreEntropyDiffusion):
         sb1 = self.sigma_bar(torch.tensor(1.0, dtype=torch.float64))
         return seq_len * float(-torch.expm1(-sb0) + torch.exp(-sb1)) * math.log(self.vocab_size)
 
+    def exact_output(self, log_posterior: Tensor, xt: Tensor, kernel: Tensor) -> Tensor:
+        """The raw output of the true scores: ``log mu + log V`` (module docstring)."""
+        return log_posterior + math.log(self.vocab_size)
+
     def reverse_probs(self, raw: Tensor, x: Tensor, t: Tensor, s: Tensor | None, method: str | None = None) -> Tensor:
         """Columns: the V real tokens, then "stay masked" (see ``ScoreEntropyDiffusion.reverse_probs``)."""
         t = torch.as_tensor(t, dtype=torch.float64, device=raw.device)
@@ -300,6 +312,15 @@ class UniformSEDD(UniformState, ScoreEntropyDiffusion):
         q_s1 = torch.exp(-sb1) + q_d1
         prior = q_s1 * torch.log1p((V - 1) * torch.exp(-sb1)) + (V - 1) * torch.special.xlogy(q_d1, V * q_d1)
         return seq_len * float(recon + prior)
+
+    def exact_output(self, log_posterior: Tensor, xt: Tensor, kernel: Tensor) -> Tensor:
+        """The true log-scores ``log p_t(x with x_n = y) / p_t(x) = log sum_v mu(v) K(y | v) / K(x_n | v)``
+        (mu the posterior of the clean token): the raw output of the uniform graph."""
+        log_k = kernel.log()  # [B, V, S]
+        log_k_seen = log_k.gather(2, xt[:, None, :].expand(-1, self.vocab_size, -1)).transpose(1, 2)  # [B, N, V]
+        # A clean value that cannot give what is seen (K = 0: no noise yet) has posterior 0.
+        ratio = torch.where(torch.isfinite(log_k_seen), log_posterior - log_k_seen, -torch.inf)
+        return torch.logsumexp(ratio[..., None] + log_k[:, None], dim=2)  # over the clean value: [B, N, V (y)]
 
     def reverse_probs(self, raw: Tensor, x: Tensor, t: Tensor, s: Tensor | None, method: str | None = None) -> Tensor:
         """Columns: the V real tokens (see ``ScoreEntropyDiffusion.reverse_probs``)."""

@@ -219,7 +219,8 @@ def _check(method: Method, cls: type) -> None:
             raise ValueError(f"{method.name} lists {attribute} {values}, so its constructor must take {option}=")
         choices = set(typing.get_args(hints.get(option))) - {None}
         if choices and choices != set(values):
-            raise ValueError(f"{method.name}: {attribute} {values} differ from the choices of {option}, {sorted(choices)}")
+            raise ValueError(f"{method.name}: {attribute} {values} differ from the choices of {option}, "
+                             f"{sorted(choices)}")
         if parameters[option].default != values[0]:
             raise ValueError(f"{method.name}: the first of {attribute} {values} must be {option}'s default, "
                              f"{parameters[option].default!r}")

@@ -47,4 +47,5 @@ class SEDD(DiffusionModule):
     def upgrade_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
         """SEDD's ``graph`` became ``state_space`` (its value ``absorb``, ``absorbing``) and ``noise``
         (a schedule name) ``schedule``."""
-        return rename_options(hparams, {"graph": "state_space", "noise": "schedule"}, {"state_space": {"absorb": "absorbing"}})
+        return rename_options(hparams, {"graph": "state_space", "noise": "schedule"},
+                              {"state_space": {"absorb": "absorbing"}})
