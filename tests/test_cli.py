@@ -241,13 +241,5 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert "current_model_state" in resumed and "averaging_state" in resumed
 
 
-@pytest.mark.parametrize("method", ["GenMD4", "SEDD", "D3PM"])
-def test_every_method_trains_tests_and_samples_through_one_switch(method, tmp_path):
-    run = tmp_path / method
-    fit_digits(run, 4, f"--model={method}")
-    last = str(run / "checkpoints" / "last.ckpt")
-    out = md4("test", "--config", DIGITS, f"--model={method}", *TINY_NET, f"--trainer.default_root_dir={run}",
-              "--trainer.enable_progress_bar=false", "--ckpt_path", last, cwd=tmp_path)
-    assert f"{method} on DigitsDataModule test: NELBO" in out.stdout
-    md4("sample", "--ckpt_path", last, "--num_samples", "2", "--steps", "4", "--output", str(run / "s.png"), cwd=tmp_path)
-    assert (run / "s.png").is_file()
+# Every method training, testing and sampling through one switch (--model NAME) is part of the
+# contract every registered method meets: tests/test_contract.py.

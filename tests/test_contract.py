@@ -13,8 +13,8 @@ and with the exact denoiser, which each process derives from the law (``exact_de
 * the sampler's samples follow the law (total variation within Monte Carlo error);
 * given tokens are kept, and a sampler step changes only the positions it was told are active
   (AR, which has no reverse step: every token the network has read stays as read);
-* (slow, in subprocesses) a 2-step ``md4 fit`` on the digits, its checkpoint loaded back as the
-  same model, and ``md4 test`` of it.
+* (slow, in subprocesses) a 2-step ``md4 fit`` on the digits through the one switch ``--model
+  NAME``, its checkpoint loaded back as the same model, ``md4 test`` and ``md4 sample`` of it.
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ TINY_NET = ["--model.init_args.network.n_layers=1", "--model.init_args.network.d
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", methods(), ids=[m.name for m in methods()])
-def test_a_two_step_fit_round_trips_its_checkpoint_and_md4_test_scores_it(method, tmp_path):
+def test_a_two_step_fit_round_trips_its_checkpoint_and_md4_test_and_sample_use_it(method, tmp_path):
     from lightning_md4.checkpoints import FitCheckpoint
 
     run, model_args = tmp_path / method.name, [f"--model={method.name}", *TINY_NET]
@@ -302,3 +302,6 @@ def test_a_two_step_fit_round_trips_its_checkpoint_and_md4_test_scores_it(method
               "--trainer.enable_progress_bar=false", "--ckpt_path", str(path), cwd=tmp_path)
     nats = float(re.search(rf"{method.name} on DigitsDataModule test: NELBO ([0-9.]+) nats/token", out.stdout).group(1))
     assert 0 < nats < 3 * math.log(17)  # 17 levels: a 2-step model is near uniform, not off the scale
+    md4("sample", "--ckpt_path", str(path), "--num_samples", "2", "--steps", "4", "--output", str(run / "s.png"),
+        cwd=tmp_path)
+    assert (run / "s.png").stat().st_size > 0
