@@ -12,7 +12,8 @@ Every ``md4`` run gets (``install``, called by the CLI on its Trainer):
   is NaN or inf, or when a training loss was since the last check (``DiffusionModule.nonfinite_step``,
   a device-side record kept every step): the last good checkpoint stays the newest one.
 - ``PreemptionCheckpoint``: after SIGTERM, ``last.ckpt`` is saved at the end of the current batch and
-  the process exits with ``PREEMPTED_EXIT_CODE``.
+  the process exits with ``PREEMPTED_EXIT_CODE``; under SLURM, SIGUSR1 (``--signal=SIGUSR1@90``)
+  does the same and requeues the job.
 
 ``newest_loadable`` picks the newest checkpoint that loads (``--ckpt_path last``, and the SLURM
 script through ``python -m lightning_md4.checkpointing newest RUN_DIR``).
@@ -20,6 +21,9 @@ script through ``python -m lightning_md4.checkpointing newest RUN_DIR``).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,6 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -141,27 +146,97 @@ def last_checkpoint_path(trainer: pl.Trainer) -> Path:
     return Path(chosen.dirpath) / f"{chosen.CHECKPOINT_NAME_LAST}{chosen.FILE_EXTENSION}"
 
 
+def save_last(trainer: pl.Trainer) -> Path:
+    """Save ``last.ckpt`` now (every rank calls this: it is a collective) and return its path.
+
+    The ModelCheckpoints that keep a ``last`` file are told first that this is their last file: a
+    resumed run's ModelCheckpoint otherwise finds a ``last.ckpt`` it did not write and saves its own
+    as ``last-v1.ckpt`` from then on, leaving ``last.ckpt`` behind at the preempted step."""
+    path = last_checkpoint_path(trainer)
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath and Path(cb.dirpath) == path.parent:
+            cb.last_model_path = str(path)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes for this SLURM job (``ARRAYJOB_TASK`` for an array task)."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None and os.environ.get("SLURM_ARRAY_TASK_ID") is not None:
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 class PreemptionCheckpoint(Callback):
     """After SIGTERM (preemption, ``scancel``), save ``last.ckpt`` at the end of the current batch and exit.
 
     Lightning's own SIGTERM handler only records the signal (``trainer.received_sigterm``) and ends
     the fit with exit code 0 and no checkpoint. Saving here, at batch end, is where ModelCheckpoint
     saves its step checkpoints, so the resume is the one those get.
+
+    With ``requeue_signal`` (SLURM's time-limit warning, ``--signal=SIGUSR1@90``; ``install`` sets it
+    under SLURM in place of Lightning's auto-requeue), that signal does the same and then requeues
+    the job (``scontrol requeue``, on global rank 0). Lightning's handler saved ``hpc_ckpt_<n>.ckpt``
+    from inside the signal handler, in the middle of whatever step was running (its data and RNG
+    half consumed), and trained on until SLURM killed the job; a resume from it was not exact.
     """
+
+    def __init__(self, requeue_signal: int | None = None) -> None:
+        self.requeue_signal = requeue_signal
+        self.requeue_requested = False
+        self._previous_handler: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.requeue_signal is not None and stage == "fit":
+            self._previous_handler = signal.signal(self.requeue_signal, self._on_requeue_signal)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.requeue_signal is not None and self._previous_handler is not None:
+            signal.signal(self.requeue_signal, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_requeue_signal(self, signum: int, frame: Any) -> None:
+        self.requeue_requested = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        stop = trainer.received_sigterm
+        stop = trainer.received_sigterm or self.requeue_requested
         if trainer.world_size > 1:  # every rank saves (a collective) or none does
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return
-        path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        requeue = self.requeue_requested
+        if trainer.world_size > 1:  # all ranks are here: the signal may have reached only some
+            requeue = trainer.strategy.reduce_boolean_decision(requeue, all=False)
+        path = save_last(trainer)
         if trainer.is_global_zero:
-            print(f"md4: SIGTERM: saved {path} at step {trainer.global_step}; exiting with code "
+            what = "SIGTERM"
+            if requeue:
+                what = f"{signal.Signals(self.requeue_signal).name} (the time limit is near)" \
+                    if self.requeue_signal is not None else "the requeue signal"
+            print(f"md4: {what}: saved {path} at step {trainer.global_step}; exiting with code "
                   f"{PREEMPTED_EXIT_CODE} (resume with --ckpt_path last)", file=sys.stderr, flush=True)
+            if requeue:
+                self._requeue()
         raise Preempted(PREEMPTED_EXIT_CODE)
+
+    @staticmethod
+    def _requeue() -> None:
+        job = slurm_job_id()
+        if job is None:
+            print("md4: no SLURM_JOB_ID: not requeueing", file=sys.stderr, flush=True)
+            return
+        try:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            print(f"md4: scontrol requeue {job} failed ({err}); resubmit the job to resume", file=sys.stderr, flush=True)
+            return
+        if result.returncode:
+            print(f"md4: scontrol requeue {job} failed with exit code {result.returncode} ({result.stderr.strip()[:200]}); "
+                  "resubmit the job to resume", file=sys.stderr, flush=True)
+        else:
+            print(f"md4: requeued SLURM job {job}", file=sys.stderr, flush=True)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """A SIGTERM that lands after ``on_train_batch_end`` has looked (Lightning checks again at the
@@ -171,8 +246,7 @@ class PreemptionCheckpoint(Callback):
         rank is sure to see the exception, and a save is a collective."""
         if (not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or trainer.world_size > 1):
             return
-        path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        path = save_last(trainer)
         print(f"md4: SIGTERM: saved {path} at step {trainer.global_step}; exiting with code "
               f"{PREEMPTED_EXIT_CODE} (resume with --ckpt_path last)", file=sys.stderr, flush=True)
         exception.code = PREEMPTED_EXIT_CODE  # SystemExit's status when Lightning re-raises it
@@ -180,12 +254,19 @@ class PreemptionCheckpoint(Callback):
 
 def install(trainer: pl.Trainer) -> None:
     """Give ``trainer`` durable, finite checkpoints and a checkpoint on SIGTERM (a CheckpointIO the
-    user configured is kept)."""
+    user configured is kept); under SLURM with Lightning's auto-requeue, the requeue signal is
+    handled by :class:`PreemptionCheckpoint` instead (at the end of a batch)."""
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = DurableCheckpointIO()
-    for cls in (FiniteCheckpoints, PreemptionCheckpoint):
-        if not any(isinstance(cb, cls) for cb in trainer.callbacks):
-            trainer.callbacks.append(cls())
+    environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+    requeue_signal = None
+    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
+        environment.auto_requeue = False  # Lightning then registers no handler for the requeue signal
+        requeue_signal = environment.requeue_signal
+    if not any(isinstance(cb, FiniteCheckpoints) for cb in trainer.callbacks):
+        trainer.callbacks.append(FiniteCheckpoints())
+    if not any(isinstance(cb, PreemptionCheckpoint) for cb in trainer.callbacks):
+        trainer.callbacks.append(PreemptionCheckpoint(requeue_signal))
 
 
 # -- resuming ----------------------------------------------------------------------------------

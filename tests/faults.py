@@ -204,3 +204,60 @@ def wait_for_port(port: int, timeout: float) -> bool:
                 return True
         time.sleep(0.1)
     return False
+
+
+# A stand-in ``srun``: the tasks of a step, all on this machine. Options before the command (as
+# sweeps' srun launcher passes them) set the layout; the job's SLURM_NNODES and
+# SLURM_NTASKS_PER_NODE are the default. Each task gets the variables slurmd would set (rank, local
+# rank, node), TERM and USR1 are forwarded to every task, and the exit code is the first non-zero one.
+SRUN = r'''#!/bin/bash
+nodes="$SLURM_NNODES"; per="$SLURM_NTASKS_PER_NODE"
+while [[ "$1" == -* ]]; do
+    case "$1" in --nodes=*) nodes="${1#*=}" ;; --ntasks-per-node=*) per="${1#*=}" ;; esac
+    shift
+done
+n=$((nodes * per)); pids=()
+for ((i = 0; i < n; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$((i % per)) SLURM_NODEID=$((i / per)) SLURM_NTASKS=$n SLURM_NNODES=$nodes \
+        SLURM_NTASKS_PER_NODE=$per SLURM_STEP_NUM_TASKS=$n "$@" &
+    pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
+rc=0
+for p in "${pids[@]}"; do
+    while true; do
+        wait "$p"; status=$?
+        kill -0 "$p" 2>/dev/null || break  # else a trapped signal interrupted the wait
+    done
+    [ "$rc" -eq 0 ] && rc=$status
+done
+exit "$rc"
+'''
+
+# A stand-in ``scontrol``: records its arguments (``requeue JOB``) in $SCONTROL_LOG.
+SCONTROL = '''#!/bin/bash
+echo "$*" >> "$SCONTROL_LOG"
+'''
+
+
+def slurm_bin(folder: Path) -> Path:
+    """A folder holding the stand-in ``srun`` and ``scontrol``, to put first on PATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def md4_tasks(pid: int) -> list[int]:
+    """The ``md4`` training processes below ``pid`` (what slurmd signals for ``--signal``)."""
+    found = []
+    for p in descendants(pid):
+        try:
+            argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"python" in Path(argv[0].decode()).name.encode() and b"lightning_md4.cli" in argv:
+            found.append(p)
+    return found

@@ -15,16 +15,21 @@ Dropout and label dropout are off here: every rank draws its own dropout masks, 
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 
-from faults import (ROOT, callbacks_config, digits_fit, env, free_port, kill_tree, largest_difference, read_losses,
-                    wait_for_port, weights)
+from faults import (DIGITS, ROOT, callbacks_config, digits_fit, env, free_port, kill_tree,
+                    largest_difference, md4_tasks, read_losses, slurm_bin, wait_for_port, weights)
+from lightning_md4.checkpointing import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow  # torchrun agents and md4 fit workers, each a few seconds to start
 
@@ -166,3 +171,118 @@ def test_a_node_killed_mid_run_restarts_from_the_last_checkpoint(two_nodes, tmp_
     final = tmp_path / "elastic" / "checkpoints" / "last.ckpt"
     assert torch.load(final, weights_only=True)["global_step"] == STEPS
     assert largest_difference(weights(final), weights(two_nodes / "multi" / "checkpoints" / "last.ckpt")) <= 1e-6
+
+
+def test_slurm_train_job_requeued_near_its_time_limit_and_preempted_resumes_exactly(two_nodes, tmp_path):
+    """scripts/slurm/train.sbatch under a stand-in srun (2 nodes x 1 task on this machine) and
+    scontrol. Job 1 gets SIGUSR1 (``--signal=SIGUSR1@90``, the time limit near): it saves last.ckpt
+    at the end of the batch and requeues itself. Job 2 (the requeued one) gets SIGTERM (preemption)
+    and saves last.ckpt. Job 3 finishes. Together they are the uninterrupted 2-node run."""
+    bin_dir = slurm_bin(tmp_path / "bin")
+    cfg = callbacks_config(tmp_path / "slurm.yaml", tmp_path / "slurm.{rank}.loss",
+                           "{class_path: faults.Pause, init_args: {after: 3, seconds: 0.2}}",
+                           val_log=tmp_path / "slurm.val", save_log=tmp_path / "slurm.saves")
+    run = tmp_path / "slurm"
+    fit_args = digits_fit(run, STEPS, cfg, *LAYOUT)[3:]  # without fit --config digits.yaml, the job's own
+    scontrol_log = tmp_path / "scontrol.log"
+    job_env = env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHON=sys.executable, SLURM_JOB_ID="4242",
+                  SLURM_JOB_NAME="md4", SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1", SLURM_NODELIST="localhost",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo",
+                  SCONTROL_LOG=str(scontrol_log))
+    log = tmp_path / "slurm.0.loss"
+
+    def job(signal_at: int | None, signum: int | None) -> tuple[int, int | None]:
+        """Run the batch script; send ``signum`` to its tasks once step ``signal_at`` is logged."""
+        with open(tmp_path / "jobs.log", "a") as out:
+            proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm" / "train.sbatch"), DIGITS, str(run),
+                                     *fit_args], cwd=tmp_path, env=job_env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while signal_at is not None and time.monotonic() < deadline and proc.poll() is None:
+                if log.exists() and max((int(r[0]) for r in lines(log)), default=0) >= signal_at:
+                    tasks = md4_tasks(proc.pid)
+                    assert len(tasks) == 2
+                    for task in tasks:
+                        os.kill(task, signum)
+                    break
+                time.sleep(0.05)
+            code = proc.wait(timeout=TIMEOUT)
+        finally:
+            kill_tree(proc.pid)
+        last = run / "checkpoints" / "last.ckpt"
+        return code, torch.load(last, weights_only=True)["global_step"] if last.exists() else None
+
+    code1, step1 = job(4, signal.SIGUSR1)
+    assert code1 == PREEMPTED_EXIT_CODE and 4 <= step1 < 10, (tmp_path / "jobs.log").read_text()[-3000:]
+    assert scontrol_log.read_text().splitlines() == ["requeue 4242"]
+    code2, step2 = job(13, signal.SIGTERM)
+    assert code2 == PREEMPTED_EXIT_CODE and 13 <= step2 < STEPS, (tmp_path / "jobs.log").read_text()[-3000:]
+    assert scontrol_log.read_text().splitlines() == ["requeue 4242"]  # SLURM requeues a preempted job itself
+    code3, step3 = job(None, None)
+    assert (code3, step3) == (0, STEPS), (tmp_path / "jobs.log").read_text()[-3000:]
+    text = (tmp_path / "jobs.log").read_text()
+    assert text.count("Restoring states from the checkpoint path at") == 2
+    assert f"md4: SIGUSR1 (the time limit is near): saved {run / 'checkpoints' / 'last.ckpt'} at step {step1}" in text
+    assert "md4: requeued SLURM job 4242" in text
+    for rank in range(2):  # every step once, with the uninterrupted run's loss
+        clean, got = read_losses(two_nodes / f"multi.{rank}.loss"), lines(tmp_path / f"slurm.{rank}.loss")
+        assert [int(r[0]) for r in got] == list(range(1, STEPS + 1))
+        assert max(abs(float(r[1]) - clean[int(r[0])]) for r in got) <= 1e-6
+    final = run / "checkpoints" / "last.ckpt"
+    assert largest_difference(weights(final), weights(two_nodes / "multi" / "checkpoints" / "last.ckpt")) <= 1e-6
+
+
+def test_slurm_sweep_job_stops_its_worker_and_requeues_before_the_time_limit(tmp_path):
+    """scripts/slurm/sweep.sbatch under the stand-in srun and scontrol: SIGTERM to the batch script
+    (``--signal=B:TERM@300``) mid-trial stops the worker, whose trial (an srun step) saves last.ckpt
+    and is requeued in the study, and the script requeues the job (exit 0). The requeued job resumes
+    the trial from that checkpoint and completes the study: one COMPLETE trial at the planned step."""
+    from sweeps.callback import read_progress
+    from sweeps.storage import open_storage
+    from test_sweep_faults import processes_mentioning
+    from test_sweeps import TINY, write_study
+
+    bin_dir = slurm_bin(tmp_path / "bin")
+    space = {"schedule": {"type": "categorical", "choices": ["cosine"], "arg": "model.init_args.schedule"}}
+    study_dir = tmp_path / "sweep"
+    study_file = write_study(tmp_path, search_space=space, args=[*TINY, "--trainer.max_steps=40",
+                                                                 "--trainer.val_check_interval=40"],
+                             limits={"kill_grace_s": 60})
+    scontrol_log = tmp_path / "scontrol.log"
+    job_env = env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHON=sys.executable, SLURM_JOB_ID="77",
+                  SLURM_JOB_NAME="md4-sweep", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="1",
+                  SLURM_NODELIST="localhost", SCONTROL_LOG=str(scontrol_log))
+    trial_dir = study_dir / "trial_0000"
+
+    def job() -> subprocess.Popen:
+        with open(tmp_path / "jobs.log", "a") as out:
+            return subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm" / "sweep.sbatch"), str(study_file),
+                                     str(study_dir)], cwd=tmp_path, env=job_env, stdout=out, stderr=subprocess.STDOUT)
+
+    first = job()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and first.poll() is None and read_progress(trial_dir).get("step", 0) < 5:
+            time.sleep(0.1)
+        assert first.poll() is None, (tmp_path / "jobs.log").read_text()[-3000:]
+        first.send_signal(signal.SIGTERM)  # the batch shell alone, as B:TERM does
+        assert first.wait(timeout=TIMEOUT) == 0, (tmp_path / "jobs.log").read_text()[-3000:]
+    finally:
+        kill_tree(first.pid)
+    assert scontrol_log.read_text().splitlines() == ["requeue 77"]
+    reached = read_progress(trial_dir)["step"]
+    assert (trial_dir / "resume" / "last.ckpt").is_file() and reached >= 5
+    assert not processes_mentioning(str(trial_dir))  # nothing of the trial runs on
+
+    second = job()  # the requeued job
+    try:
+        assert second.wait(timeout=TIMEOUT) == 0, (tmp_path / "jobs.log").read_text()[-3000:]
+    finally:
+        kill_tree(second.pid)
+    study = optuna.load_study(study_name="s", storage=open_storage(f"journal:{study_dir / 'study.log'}"))
+    complete = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 1 and complete[0].user_attrs["trial_dir"] == str(trial_dir)
+    result = json.loads((trial_dir / "result.rank0.json").read_text())
+    assert result["start_step"] >= reached and result["step"] == 40  # resumed, to the planned step
+    assert complete[0].values == [result["metrics"]["val/nelbo"]]
+    assert scontrol_log.read_text().splitlines() == ["requeue 77"]
