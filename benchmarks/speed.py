@@ -10,6 +10,10 @@ whatever the tokens).
 Each training row is a fresh ``md4 fit`` process (so its peak memory is its own), timed by
 :class:`StepTimer` after a warm-up. MD4's rows add one speed lever at a time, so each row's ratio to
 the row above is that lever's effect; the other methods run with the levers that apply to them.
+The first row is the anchor: the same network, loss, AdamW and precision as MD4's baseline in a plain
+PyTorch loop (``benchmarks/bare_loop.py``: no Trainer, EMA, logger or data loader), in its own fresh
+process before each run of the fit rows and timed alike; every row's "vs bare loop" is its steps/s
+over the anchor's, i.e. what the framework around the step costs.
 Sampling times ``process.sample`` with the output cache off, on, and on with a compiled network, in
 one more fresh process that also records its memory before the model and at its peak.
 
@@ -73,8 +77,9 @@ LEVERS: list[tuple[str, dict[str, Any]]] = [
 MD4_ONLY_LEVERS = ("logits_at", "ce_chunked")
 # Every registered method (lightning_md4/modules/registry.py), MD4 first: its rows carry the levers.
 METHODS = ("MD4", *(name for name in method_names() if name != "MD4"))
+BARE_LOOP = "bare loop (plain PyTorch: no Lightning, EMA, logger)"  # the anchor row's levers label
 TRAIN_COLUMNS = ["method", "levers", "params", "batch x seq", "steps/s", "tokens/s", "MFU %", "peak memory GiB",
-                 "vs first row", "CPU s/step"]
+                 "vs baseline", "vs bare loop", "CPU s/step", "vs bare loop, CPU time"]
 SAMPLE_COLUMNS = ["output cache", "compile", "seconds", "tokens/s", "network evaluations", "speed-up vs off",
                   "same tokens as off"]
 
@@ -232,26 +237,28 @@ class StepTimer(pl.Callback):
             self.start, self.cpu_start = time.perf_counter(), process_cpu_seconds()
         elif trainer.global_step == self.warmup + self.steps:
             sync(device)
-            self.write(trainer, pl_module, time.perf_counter() - self.start, batch["x0"], float(outputs["loss"]))
+            result = timed_result(time.perf_counter() - self.start, self.steps, batch["x0"], float(outputs["loss"]),
+                                  pl_module, self.cpu_start, self.flops_per_batch, self.available_flops,
+                                  trainer.world_size)
+            Path(self.output).write_text(json.dumps(result))
             trainer.should_stop = True
 
-    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, seconds: float, x0: torch.Tensor,
-              loss: float) -> None:
-        throughput = Throughput(available_flops=self.available_flops or None, world_size=trainer.world_size,
-                                window_size=2)
-        batch, seq = x0.shape
-        throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
-        throughput.update(time=seconds, batches=self.steps, samples=self.steps * batch,
-                          lengths=self.steps * batch * seq, flops=self.steps * self.flops_per_batch)
-        metrics = throughput.compute()
-        peak = torch.cuda.max_memory_allocated() if x0.is_cuda else peak_rss_bytes()
-        result = {"steps_per_s": metrics["device/batches_per_sec"],
-                  "tokens_per_s": metrics["device/items_per_sec"] * trainer.world_size,
-                  "mfu": metrics.get("device/mfu"),
-                  "cpu_s_per_step": (process_cpu_seconds() - self.cpu_start) / self.steps,
-                  "peak_memory_gib": peak / 2**30, "loss": loss, "batch": batch, "seq_len": seq,
-                  "params": sum(p.numel() for p in pl_module.parameters())}
-        Path(self.output).write_text(json.dumps(result))
+
+def timed_result(seconds: float, steps: int, x0: torch.Tensor, loss: float, module: torch.nn.Module,
+                 cpu_start: float, flops_per_batch: int, available_flops: float, world_size: int = 1) -> dict[str, Any]:
+    """A row's record from ``steps`` steps of batch ``x0`` timed at ``seconds`` (fit rows and the bare loop)."""
+    throughput = Throughput(available_flops=available_flops or None, world_size=world_size, window_size=2)
+    batch, seq = x0.shape
+    throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
+    throughput.update(time=seconds, batches=steps, samples=steps * batch, lengths=steps * batch * seq,
+                      flops=steps * flops_per_batch)
+    metrics = throughput.compute()
+    peak = torch.cuda.max_memory_allocated() if x0.is_cuda else peak_rss_bytes()
+    return {"steps_per_s": metrics["device/batches_per_sec"],
+            "tokens_per_s": metrics["device/items_per_sec"] * world_size,
+            "mfu": metrics.get("device/mfu"), "cpu_s_per_step": (process_cpu_seconds() - cpu_start) / steps,
+            "peak_memory_gib": peak / 2**30, "loss": loss, "batch": batch, "seq_len": seq,
+            "params": sum(p.numel() for p in module.parameters()), "threads": torch.get_num_threads()}
 
 
 def token_file(shape: Shape, steps: int, folder: Path) -> Path:
@@ -327,6 +334,25 @@ def train_row(shape: Shape, method: str, levers: dict[str, Any], timing: Timing,
     return json.loads(result.read_text())
 
 
+def bare_row(shape: Shape, timing: Timing, work: Path) -> dict[str, Any]:
+    """The anchor: ``benchmarks/bare_loop.py`` in a fresh process at this shape and timing, on the
+    token file the fit rows read; its result, or ``{"error": ...}``."""
+    run_dir = work / "bare_loop"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = run_dir / "result.json"
+    result.unlink(missing_ok=True)
+    spec = {"shape": asdict(shape), "timing": asdict(timing), "output": str(result),
+            "tokens": str(token_file(shape, timing.warmup + timing.steps, work)),
+            "flops_per_batch": flops_per_step(shape, "MD4")}
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bare_loop", str(run_dir / "spec.json")], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True)
+    if proc.returncode != 0 or not result.exists():
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(result.read_text())
+
+
 def lever_chain(methods: tuple[str, ...], n_levers: int) -> list[tuple[str, str, dict[str, Any]]]:
     """(method, label, levers) of every training row: MD4's cumulative levers, then the other methods."""
     chain: list[tuple[str, str, dict[str, Any]]] = []
@@ -341,18 +367,28 @@ def lever_chain(methods: tuple[str, ...], n_levers: int) -> list[tuple[str, str,
 
 def train_rows(shape: Shape, methods: tuple[str, ...], n_levers: int, timing: Timing, work: Path,
                repeats: int) -> list[dict[str, Any]]:
-    """Every training row, each the fastest of ``repeats`` runs of the whole chain (a busy CPU)."""
-    chain = lever_chain(methods, n_levers)
+    """The bare-loop anchor, then every training row, each the fastest of ``repeats`` runs of the
+    whole chain (a busy CPU); the anchor runs before each chain, so the two interleave. A row keeps
+    its fastest run's record, with ``cpu_s_per_step`` the least over its runs (the two minima may
+    come from different runs) and every run's steps/s and CPU s/step in ``runs``."""
+    chain = [("MD4", BARE_LOOP, None), *lever_chain(methods, n_levers)]
     rows: list[dict[str, Any]] = [{} for _ in chain]
+    runs: list[list[dict[str, float]]] = [[] for _ in chain]
     for _ in range(repeats):
         for i, (method, label, levers) in enumerate(chain):
-            row = {"method": method, "levers": label, **train_row(shape, method, levers, timing, work,
-                                                                  f"{method}_{label}")}
+            measured = bare_row(shape, timing, work) if levers is None else \
+                train_row(shape, method, levers, timing, work, f"{method}_{label}")
+            row = {"method": method, "levers": label, **measured}
             print(row, flush=True)
             if "error" in row:
                 rows[i] = rows[i] or row  # an error only where no run succeeded
-            elif row["tokens_per_s"] > rows[i].get("tokens_per_s", -1.0):
+                continue
+            runs[i].append({"steps_per_s": row["steps_per_s"], "cpu_s_per_step": row["cpu_s_per_step"]})
+            if row["tokens_per_s"] > rows[i].get("tokens_per_s", -1.0):
                 rows[i] = row
+    for row, its_runs in zip(rows, runs):
+        if its_runs:
+            row.update(runs=its_runs, cpu_s_per_step=min(r["cpu_s_per_step"] for r in its_runs))
     return rows
 
 
@@ -447,9 +483,18 @@ def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
+def ratio(value: float, reference: float | None) -> str | None:
+    return f"{value / reference:.2f}x" if reference else None
+
+
 def train_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """One line per training row, failed rows keeping their error's last line."""
-    first = next((r["tokens_per_s"] for r in rows if "tokens_per_s" in r), None)
+    """One line per training row, failed rows keeping their error's last line. "vs baseline" is each
+    row's steps/s over the first fit row's, "vs bare loop" over the anchor's; "vs bare loop, CPU
+    time" is the anchor's CPU s/step over the row's (on a loaded machine the steadier of the two)."""
+    rate = [r.get("steps_per_s") for r in rows]
+    bare = next((v for r, v in zip(rows, rate) if r["levers"] == BARE_LOOP), None)
+    bare_cpu = next((r.get("cpu_s_per_step") for r in rows if r["levers"] == BARE_LOOP), None)
+    first = next((v for r, v in zip(rows, rate) if r["levers"] != BARE_LOOP and v is not None), None)
     table = []
     for r in rows:
         if "error" in r:
@@ -461,8 +506,10 @@ def train_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
                       "tokens/s": round(r["tokens_per_s"]),
                       "MFU %": round(100 * r["mfu"], 1) if r.get("mfu") is not None else None,
                       "peak memory GiB": round(r["peak_memory_gib"], 2),
-                      "vs first row": f"{r['tokens_per_s'] / first:.2f}x",
-                      "CPU s/step": round(r["cpu_s_per_step"], 2)})
+                      "vs baseline": ratio(r["steps_per_s"], first) if r["levers"] != BARE_LOOP else "-",
+                      "vs bare loop": ratio(r["steps_per_s"], bare),
+                      "CPU s/step": round(r["cpu_s_per_step"], 3),
+                      "vs bare loop, CPU time": ratio(bare_cpu, r["cpu_s_per_step"]) if bare_cpu else None})
     return pd.DataFrame(table, columns=TRAIN_COLUMNS)
 
 
