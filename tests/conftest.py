@@ -148,3 +148,15 @@ def md4(*args: str, cwd: Path, check: bool = True, timeout: float = 300,
         raise AssertionError(f"md4 {' '.join(args)} failed with exit code {proc.returncode}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def one_line_error(argv: list[str]) -> str:
+    """The message of ``md4 ARGV`` run in-process, which must fail with one ``md4: error:`` line.
+    (``lightning_md4.cli`` imports no torch at module level, so this stays fast.)"""
+    from lightning_md4.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("md4: error: ") and "\n" not in message, message
+    return message

@@ -12,7 +12,7 @@ import lightning
 import pytest
 import torch
 
-from conftest import md4
+from conftest import md4, one_line_error
 from datamodules.base import decode_chars
 from exact import empirical_tv, random_distribution
 from lightning_md4.checkpoints import FitCheckpoint
@@ -234,14 +234,6 @@ def corpus(tmp_path):
 
 def char_data(corpus: Path, vocab: str = CHARS) -> dict:
     return {"_class_path": "datamodules.CharDataModule", "path": str(corpus), "vocab": vocab, "seq_len": 12}
-
-
-def one_line_error(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    message = exit_info.value.code
-    assert isinstance(message, str) and "\n" not in message, message
-    return message
 
 
 def test_bad_scorer_arguments_are_one_line_errors(tmp_path, corpus):

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import md4, md4_command
-from lightning_md4.cli import main
+from conftest import md4, md4_command, one_line_error
 from lightning_md4.commands import LINE_BREAK_MARK
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,15 +74,6 @@ def test_help_lists_subcommands_without_importing_torch(tmp_path):
     for word in ("fit", "validate", "test", "sample", "evaluate-samples", "zeroshot", "genppl", "--random_weights"):
         assert word in out.stdout
     assert "predict" not in out.stdout  # the models have no predict_step
-
-
-def one_line_error(argv: list[str]) -> str:
-    """The message of ``md4 ARGV``, which must fail with one ``md4: error:`` line (in-process: fast)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    message = exit_info.value.code
-    assert isinstance(message, str) and message.startswith("md4: error: ") and "\n" not in message, message
-    return message
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")  # pytest's own argv

@@ -13,6 +13,7 @@ from typing import get_args
 import pytest
 from docstring_parser import parse as parse_docstring
 
+from conftest import one_line_error
 from lightning_md4.cli import LIGHTNING_COMMANDS, main
 from lightning_md4.commands import COMMANDS, Grid
 
@@ -49,14 +50,6 @@ def test_command_help_shows_the_typed_options_of_its_function(name, capsys):
     assert "--ckpt_path CKPT_PATH checkpoint written by md4 fit" in out and "(required, type: str)" in out
     if name != "genppl":  # every command but genppl takes a guidance or an evaluation setting
         assert "type: PositiveInt" in out
-
-
-def one_line_error(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    message = exit_info.value.code
-    assert isinstance(message, str) and "\n" not in message, message
-    return message
 
 
 def test_bad_typed_values_are_one_line_errors_naming_the_option():

@@ -18,21 +18,13 @@ import pytest
 import yaml
 
 from lightning_md4 import cli
+from conftest import one_line_error
 from lightning_md4.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")
 TINY_TEXT = str(ROOT / "configs" / "tiny_text.yaml")
 BAD_YAML = "trainer:\n  max_steps: 5\nmodel:\n  init_args: {schedule: cosine\ndata: 3\n"
-
-
-def one_line_error(argv: list[str]) -> str:
-    """The message of ``md4 ARGV``, which must fail with one ``md4: error:`` line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    message = exit_info.value.code
-    assert isinstance(message, str) and message.startswith("md4: error: ") and "\n" not in message, message
-    return message
 
 
 @pytest.fixture
