@@ -71,20 +71,18 @@ def score(ckpt: str | Path, replicas: int = 4, draws: int = 8, exact_examples: i
     model.hparams.eval_seed = base_seed
     sd_one = float(means.std()) if replicas > 1 else math.nan
     exact_bpt = drawn_bpt = None
-    if exact_examples and hasattr(model, "exact_test_noise"):
+    exact_sequences = 0
+    if exact_examples and hasattr(model, "exact_nelbo"):  # D3PM: md4 test's exact_test sum
         totals = []
         for batch in datamodule.test_dataloader():  # in order: the first exact_examples sequences
-            x0 = batch["x0"]
-            noise = model.exact_test_noise(batch["index"], x0.shape[1])
-            totals.append(model.process.nelbo_exact(model.denoiser(batch), x0, batch_T=batch_T, step_noise=noise)
-                          / x0.shape[1])
+            totals.append(model.exact_nelbo(batch, batch_T) / batch["x0"].shape[1])
             if sum(map(len, totals)) >= exact_examples:
                 break
         exact = torch.cat(totals)[:exact_examples]
-        exact_bpt = float(exact.mean()) / LN2
+        exact_bpt, exact_sequences = float(exact.mean()) / LN2, len(exact)
         drawn_bpt = float(torch.stack(per_replica)[:, :len(exact)].mean()) / LN2
     return Score(float(means.mean()), sd_one, sd_one / math.sqrt(replicas), replicas, draws,
-                 len(per_replica[0]), exact_examples if exact_bpt is not None else 0, exact_bpt, drawn_bpt)
+                 len(per_replica[0]), exact_sequences, exact_bpt, drawn_bpt)
 
 
 def compare(results: pd.DataFrame, baseline: str, value: str = "bpt") -> pd.DataFrame:

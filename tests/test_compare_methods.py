@@ -10,7 +10,7 @@ import pytest
 from benchmarks.compare_methods import ROWS
 from benchmarks.scoring import compare, score
 from lightning_md4.modules.registry import method_names
-from conftest import ROOT, md4
+from conftest import ROOT, TINY_NET_ARGS, md4
 
 T_975_2 = 4.302652729911275  # the 97.5% quantile of Student's t with 2 degrees of freedom
 
@@ -60,6 +60,21 @@ def test_score_is_what_md4_test_prints_and_measures_its_own_spread(tmp_path):
     assert four.bpt != one.bpt and 0 < four.sd_one < 0.5  # other eval seeds: other draws, a measured spread
     assert four.se == pytest.approx(four.sd_one / 2)
     assert four.exact_bpt is None  # MD4 has no T-term sum
+
+
+@pytest.mark.slow
+def test_d3pms_exact_sum_is_what_md4_test_prints_with_exact_test(tmp_path):
+    run = tmp_path / "d3pm"
+    common = ["--config", str(ROOT / "configs" / "digits.yaml"), f"--trainer.default_root_dir={run}",
+              "--trainer.enable_progress_bar=false", "--model=D3PM", "--model.init_args.T=10", *TINY_NET_ARGS]
+    md4("fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.init_args.val_examples=8",
+        cwd=ROOT)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    printed = md4("test", *common, f"--ckpt_path={ckpt}", "--model.init_args.exact_test=true", cwd=ROOT).stdout
+    nats = float(re.search(r"test: NELBO ([0-9.]+) nats/token", printed).group(1))
+    scored = score(ckpt, replicas=1, draws=1, exact_examples=10**6)  # every test sequence
+    assert scored.exact_sequences == scored.sequences and scored.exact_bpt == pytest.approx(nats / math.log(2), abs=2e-6)
+    assert scored.drawn_bpt == pytest.approx(scored.bpt)  # the draws on the same (all) sequences
 
 
 def test_every_registered_method_has_a_row_and_every_row_a_registered_method():
