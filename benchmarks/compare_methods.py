@@ -29,8 +29,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.cli_runs import ROOT, markdown_table, train
-from benchmarks.scoring import Score, compare, score
+from benchmarks.cli_runs import ROOT, train
+from benchmarks.scoring import cached_score, compare
+from lightning_md4.tables import markdown_table
 
 NET = {"n_layers": 2, "d_model": 128, "n_heads": 4, "d_cond": 64, "time_conditioning": True}
 
@@ -81,17 +82,19 @@ def text8_style(source: Path, dest: Path) -> Path:
 
 
 def compare_table(results: pd.DataFrame, rows: dict[str, Row]) -> pd.DataFrame:
-    """The table, one line per method of ``results`` (``method``, ``seed``, ``bpt``, ``eval_se``,
+    """The table, one line per method of ``results`` (``method``, ``seed``, ``bpt``, ``se``,
     ``exact_bpt``; the first method is the baseline): settings, passes per step, BPC mean +- se over
     seeds, the evaluation estimate's se, per-seed values, D3PM's exact sum, and the paired
     difference against the baseline with its interval and verdict."""
-    table = compare(results, baseline=results["method"].iloc[0])
+    baseline = results["method"].iloc[0]
+    table = compare(results, baseline)
 
     def cell(r: pd.Series) -> str:
-        return "-" if pd.isna(r.get("diff")) else f"{r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
+        return "-" if pd.isna(r["difference"]) else f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
 
     per_seed = results.groupby("method", sort=False)["bpt"].apply(lambda v: ", ".join(f"{b:.4f}" for b in v))
-    eval_se = results.groupby("method", sort=False)["eval_se"].max()
+    eval_se = results.groupby("method", sort=False)["se"].max()
+
     def exact_cell(runs: pd.DataFrame) -> str:
         if runs["exact_bpt"].isna().all():
             return "-"
@@ -107,8 +110,8 @@ def compare_table(results: pd.DataFrame, rows: dict[str, Row]) -> pd.DataFrame:
         "evaluation se (largest seed)": [f"{eval_se[m]:.4f}" for m in table["method"]],
         "per seed": [per_seed[m] for m in table["method"]],
         "exact T-sum BPC vs the draws on the same sequences": [exact[m] for m in table["method"]],
-        "paired diff vs MD4 [95% t interval]": [cell(r) for _, r in table.iterrows()],
-        "verdict": [r.get("verdict") if isinstance(r.get("verdict"), str) else "baseline" for _, r in table.iterrows()],
+        f"paired diff vs {baseline} [95% t interval]": [cell(r) for _, r in table.iterrows()],
+        "verdict": [r["verdict"] if isinstance(r["verdict"], str) else "baseline" for _, r in table.iterrows()],
     })
 
 
@@ -142,12 +145,8 @@ def main(argv: list[str] | None = None) -> None:
             folder = out / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") / f"seed{seed}"
             seeds = [f"--seed_everything={seed}", *([f"--model.init_args.seed={seed}"] * rows[name].noise_seeded)]
             ckpt, _ = train(folder, [*base, *rows[name].args, *seeds], args.steps)
-            # Cached beside the checkpoint: D3PM's exact sum takes minutes.
-            cached = folder / f"score_{args.replicas}x{args.draws}_exact{args.exact_examples}.json"
-            if not cached.exists():
-                cached.write_text(json.dumps(asdict(score(ckpt, args.replicas, args.draws, args.exact_examples))))
-            s = Score(**json.loads(cached.read_text()))
-            record = {"method": name, "seed": seed, **asdict(s), "eval_se": s.se}
+            s = cached_score(ckpt, args.replicas, args.draws, args.exact_examples)
+            record = {"method": name, "seed": seed, **asdict(s)}
             records.append(record)
             print(json.dumps(record), flush=True)
     results = pd.DataFrame(records)

@@ -20,8 +20,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks.cli_runs import ROOT, learned_exponents, markdown_table, train
-from benchmarks.scoring import score
+from benchmarks.cli_runs import ROOT, learned_exponents, train
+from lightning_md4.tables import markdown_table
+from benchmarks.scoring import cached_score
 from datamodules import CharDataModule, DigitsDataModule
 
 NET = ["--model.init_args.network.time_conditioning=true"]
@@ -82,7 +83,7 @@ def main() -> None:
         freq, names = token_frequencies(dm)
         for name, overlay, steps in runs:
             ckpt, fit_s = train(out / data / name, [*base, *overlay], steps)
-            test = score(ckpt, args.replicas, args.draws)
+            test = cached_score(ckpt, args.replicas, args.draws)
             r = {"run": name, "data": data, "steps": steps, "passes": steps * (2 if "rloo" in name else 1),
                  "fit_s": fit_s, "test_bpt": test.bpt, "eval_se": test.se, "w": learned_exponents(ckpt)}
             if r["w"] is not None:

@@ -16,16 +16,17 @@ the sweeps state uncertainty the same way.
 
 from __future__ import annotations
 
+import json
 import math
-import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from lightning_md4.checkpoints import FitCheckpoint
-from sweeps.report import paired_difference, verdict
+from sweeps.report import CONFIGURATION, SEED, paired_table, seed_values
 
 LN2 = math.log(2)
 
@@ -87,17 +88,24 @@ def score(ckpt: str | Path, replicas: int = 4, draws: int = 8, exact_examples: i
 
 def compare(results: pd.DataFrame, baseline: str, value: str = "bpt") -> pd.DataFrame:
     """One row per method of ``results`` (columns ``method``, ``seed``, ``value``): mean +- se over
-    seeds and the paired difference against ``baseline`` by seed, with its t interval and verdict."""
-    by_seed = results.pivot(index="seed", columns="method", values=value)
-    rows = []
-    for method in dict.fromkeys(results["method"]):
-        values = by_seed[method].dropna()
-        n = len(values)
-        mean = statistics.mean(values)
-        sd = statistics.stdev(values) if n > 1 else math.nan
-        row = {"method": method, "seeds": n, "mean": mean, "sd": sd, "se": sd / math.sqrt(n)}
-        if method != baseline:
-            p = paired_difference(by_seed[method], by_seed[baseline])
-            row.update({"diff": p.mean, "low": p.low, "high": p.high, "verdict": verdict(p, "minimize")})
-        rows.append(row)
-    return pd.DataFrame(rows)
+    seeds and the paired difference against ``baseline`` by seed (``difference``, ``low``, ``high``,
+    ``verdict``): the sweep report's tables, with methods as its configurations."""
+    observations = results.rename(columns={"method": CONFIGURATION}).astype({SEED: str})
+    values = seed_values(observations, value)
+    seeds = values.count(axis=1)
+    stats = pd.DataFrame({"seeds": seeds, "mean": values.mean(axis=1), "sd": values.std(axis=1, ddof=1)})
+    stats["se"] = stats["sd"] / np.sqrt(seeds)
+    paired = paired_table(observations, value, baseline, "minimize")[["difference", "low", "high", "verdict"]]
+    return stats.join(paired).rename_axis("method").reset_index()
+
+
+def cached_score(ckpt: Path, replicas: int = 4, draws: int = 8, exact_examples: int = 128) -> Score:
+    """``score``, kept beside the checkpoint (D3PM's exact sum takes minutes) and reused while the
+    checkpoint file is the one it was computed from."""
+    cache = ckpt.with_name(f"{ckpt.stem}.score_{replicas}x{draws}_exact{exact_examples}.json")
+    stamp = ckpt.stat().st_mtime_ns
+    if cache.exists() and (saved := json.loads(cache.read_text()))["checkpoint_mtime_ns"] == stamp:
+        return Score(**saved["score"])
+    result = score(ckpt, replicas, draws, exact_examples)
+    cache.write_text(json.dumps({"checkpoint_mtime_ns": stamp, "score": asdict(result)}))
+    return result

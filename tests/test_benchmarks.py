@@ -13,10 +13,11 @@ import pytest
 import torch
 import yaml
 
-from benchmarks import bare_loop, cli_runs, compare_methods, genmd4_vs_md4, speed
+from benchmarks import bare_loop, compare_methods, genmd4_vs_md4, speed
 from datamodules.base import DataError
 from datamodules.tokens import TokenFileDataModule
 from lightning_md4.modules.registry import method_names
+from lightning_md4.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,7 +217,7 @@ def test_baseline_turns_off_what_the_config_switches_on(tmp_path: Path) -> None:
 
 def test_compare_methods_table_states_settings_uncertainty_and_verdicts() -> None:
     results = pd.DataFrame({"method": ["MD4"] * 2 + ["D3PM"] * 2, "seed": [0, 1, 0, 1],
-                            "bpt": [3.5, 3.6, 3.4, 3.45], "eval_se": [0.001, 0.002, 0.003, 0.001],
+                            "bpt": [3.5, 3.6, 3.4, 3.45], "se": [0.001, 0.002, 0.003, 0.001],
                             "exact_sequences": [0, 0, 64, 64], "exact_bpt": [None, None, 3.3, 3.35],
                             "drawn_bpt": [None, None, 3.5, 3.45]})
     table = compare_methods.compare_table(results, {r.name: r for r in compare_methods.ROWS})
@@ -229,7 +230,7 @@ def test_compare_methods_table_states_settings_uncertainty_and_verdicts() -> Non
     assert records[1][exact] == "3.3250 vs drawn 3.4750 (first 64 sequences, mean over seeds)"
     assert records[1]["paired diff vs MD4 [95% t interval]"].startswith("-0.1250 [")
     # The markdown keeps the cells as formatted: tabulate would print 3.6000 as 3.6.
-    assert "| 3.5500 +- 0.0500 " in cli_runs.markdown_table(table)
+    assert "| 3.5500 +- 0.0500 " in markdown_table(table)
 
 
 def test_genmd4_vs_md4_table() -> None:

@@ -28,10 +28,18 @@ def test_compare_gives_mean_se_and_paired_t_intervals_by_seed():
     mean = sum(d) / 3
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
     half = T_975_2 * sd / math.sqrt(3)
-    assert table.loc["X", "diff"] == pytest.approx(mean)
+    assert table.loc["X", "difference"] == pytest.approx(mean)
     assert table.loc["X", "low"] == pytest.approx(mean - half)
     assert table.loc["X", "high"] == pytest.approx(mean + half)
-    assert (mean + half < 0) == ("resolved" in table.loc["X", "verdict"])
+    assert mean - half < 0 < mean + half and table.loc["X", "verdict"].startswith("within noise")
+
+
+def test_a_difference_on_every_seed_is_resolved_in_the_right_direction():
+    results = pd.DataFrame({"method": ["MD4"] * 3 + ["lower"] * 3 + ["higher"] * 3, "seed": [0, 1, 2] * 3,
+                            "bpt": [3.0, 3.2, 3.4, 2.7, 2.91, 3.1, 3.3, 3.52, 3.69]})
+    table = compare(results, baseline="MD4").set_index("method")
+    assert table.loc["lower", "high"] < 0 and "resolved (better" in table.loc["lower", "verdict"]
+    assert table.loc["higher", "low"] > 0 and "resolved (worse" in table.loc["higher", "verdict"]
 
 
 def test_an_interval_across_zero_is_within_noise():
