@@ -38,21 +38,23 @@ import torch
 from torch import Tensor
 
 from benchmarks import speed
-from lightning_md4.checkpoints import default_precision
-from lightning_md4.modules.base import DiffusionModule, warmup_cosine
+from lightning_md4.checkpoints import default_device, default_precision
+from lightning_md4.modules.base import DiffusionModule
 
 
 @dataclass
 class LoopState:
-    """What ``DiffusionModule.train_noise`` reads from its trainer, for one device without accumulation."""
+    """What the module reads from its trainer (``train_noise``: step, world and accumulation;
+    ``configure_optimizers``: the run's length), for one device without accumulation."""
 
+    estimated_stepping_batches: int
     global_step: int = 0
     world_size: int = 1
     global_rank: int = 0
     accumulate_grad_batches: int = 1
 
 
-def autocast_dtype(precision: str | None, device: str) -> torch.dtype | None:
+def autocast_dtype(precision: str | None) -> torch.dtype | None:
     """The autocast dtype of a Trainer ``precision`` (``None``: none), for the ones the anchor replicates."""
     precision = str(precision or default_precision())
     if precision in ("32-true", "32"):
@@ -74,15 +76,13 @@ class BareLoop:
         self.device = torch.device(device)
         self.module: DiffusionModule = speed.build_module(shape, "MD4").to(self.device)
         self.module.train()
-        self.state = LoopState()
-        self.module._trainer = self.state  # read by train_noise (global_step, world and accumulation)
-        cfg = self.module.optim_cfg
-        self.optimizer = torch.optim.AdamW(self.module.param_groups(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           fused=self.device.type == "cuda")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+        self.state = LoopState(estimated_stepping_batches=total_steps)
+        self.module._trainer = self.state
+        # The module's own AdamW and schedule, so the anchor follows any change to them.
+        optim = self.module.configure_optimizers()
+        self.optimizer, self.scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
         self.clip = shape.gradient_clip_val
-        self.dtype = autocast_dtype(shape.precision, self.device.type)
+        self.dtype = autocast_dtype(shape.precision)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
@@ -116,7 +116,7 @@ def memory_batches(tokens: Path, batch: int, seq_len: int, count: int, device: s
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Time the bare loop as :class:`speed.StepTimer` times a fit row; the same result fields."""
     shape, timing = speed.Shape(**spec["shape"]), speed.Timing(**spec["timing"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     torch.manual_seed(0)  # the fit rows' seed_everything: 0
     loop = BareLoop(shape, total_steps=timing.warmup + timing.steps + 1, device=device)
     batches = memory_batches(Path(spec["tokens"]), shape.batch, shape.seq_len, timing.warmup + timing.steps, device)

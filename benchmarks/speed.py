@@ -316,41 +316,44 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def train_row(shape: Shape, method: str, levers: dict[str, Any], timing: Timing, work: Path,
-              label: str) -> dict[str, Any]:
-    """One training row in a fresh ``md4 fit`` process; its result, or ``{"error": ...}``."""
-    run_dir = work / label.replace(" ", "_").replace(".", "")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result = run_dir / "result.json"
-    result.unlink(missing_ok=True)
-    config = run_dir / "config.json"
-    tokens = token_file(shape, timing.warmup + timing.steps, work)
-    config.write_text(json.dumps(fit_config(shape, method, levers, timing, tokens, run_dir, result), indent=1))
-    proc = subprocess.run([sys.executable, "-m", "lightning_md4.cli", "fit", "--config", str(config)], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True)
+def run_child(module: str, args: list[str], result: Path) -> dict[str, Any]:
+    """``python -m MODULE ARGS`` in a fresh process; the JSON it wrote to ``result``, or ``{"error": ...}``."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=child_env(), capture_output=True,
+                          text=True)
     if proc.returncode != 0 or not result.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
         return {"error": f"exit {proc.returncode}: {tail}"}
     return json.loads(result.read_text())
+
+
+def fresh_run_dir(work: Path, name: str) -> tuple[Path, Path]:
+    """A row's folder and its result file, removed if an earlier run left one."""
+    run_dir = work / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = run_dir / "result.json"
+    result.unlink(missing_ok=True)
+    return run_dir, result
+
+
+def train_row(shape: Shape, method: str, levers: dict[str, Any], timing: Timing, work: Path,
+              label: str) -> dict[str, Any]:
+    """One training row in a fresh ``md4 fit`` process; its result, or ``{"error": ...}``."""
+    run_dir, result = fresh_run_dir(work, label.replace(" ", "_").replace(".", ""))
+    config = run_dir / "config.json"
+    tokens = token_file(shape, timing.warmup + timing.steps, work)
+    config.write_text(json.dumps(fit_config(shape, method, levers, timing, tokens, run_dir, result), indent=1))
+    return run_child("lightning_md4.cli", ["fit", "--config", str(config)], result)
 
 
 def bare_row(shape: Shape, timing: Timing, work: Path) -> dict[str, Any]:
     """The anchor: ``benchmarks/bare_loop.py`` in a fresh process at this shape and timing, on the
     token file the fit rows read; its result, or ``{"error": ...}``."""
-    run_dir = work / "bare_loop"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result = run_dir / "result.json"
-    result.unlink(missing_ok=True)
+    run_dir, result = fresh_run_dir(work, "bare_loop")
     spec = {"shape": asdict(shape), "timing": asdict(timing), "output": str(result),
             "tokens": str(token_file(shape, timing.warmup + timing.steps, work)),
             "flops_per_batch": flops_per_step(shape, "MD4")}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bare_loop", str(run_dir / "spec.json")], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True)
-    if proc.returncode != 0 or not result.exists():
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
-        return {"error": f"exit {proc.returncode}: {tail}"}
-    return json.loads(result.read_text())
+    return run_child("benchmarks.bare_loop", [str(run_dir / "spec.json")], result)
 
 
 def lever_chain(methods: tuple[str, ...], n_levers: int) -> list[tuple[str, str, dict[str, Any]]]:
