@@ -28,8 +28,8 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Defaul
 
 from lightning_md4.checkpoints import default_precision, first_line, load_checkpoint
 from lightning_md4.commands import COMMANDS, UsageError
-from lightning_md4.modules.registry import DEFAULT_EVAL_OPTIONS, method_names, method_of, methods
-from lightning_md4.preflight import HeldBanner, check_command_line, options_epilog
+from lightning_md4.modules.registry import DEFAULT_EVAL_OPTIONS, method_of, methods
+from lightning_md4.preflight import CHECKPOINT_WORDS, HeldBanner, check_command_line, option_values, options_epilog
 
 # LightningCLI's subcommands (no predict: the models have no predict_step) with their line of
 # ``md4 --help``; LightningCLI itself parses their options.
@@ -45,8 +45,8 @@ HPARAM_METRICS = ("val/nelbo", "test/nelbo")
 # The methods' options that change how a checkpoint is scored, not the model it holds, are declared
 # by each method (``eval_options`` of its registration, :mod:`lightning_md4.modules.registry`): ``md4
 # validate``/``test`` take them from the command line (or its --config) over the checkpoint's. Every
-# other model option given must equal the checkpoint's (``reconcile_options``).
-# Model options linked from the data; the model checks them against a checkpoint as it loads one.
+# other model option given must equal the checkpoint's (``reconcile_options``), except these, which
+# are linked from the data module and checked against a checkpoint by the model as it loads one.
 LINKED_OPTIONS = ("vocab_size", "seq_len")
 
 
@@ -152,8 +152,8 @@ def lightning_cli(argv: list[str] | None) -> None:
 
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.epilog = options_epilog()  # the options of --model and --data are per class
-            parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
-            parser.link_arguments("data.seq_len", "model.init_args.seq_len", apply_on="instantiate")
+            for key in LINKED_OPTIONS:
+                parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
             # The evaluation protocol belongs to the run, not the model: not saved in checkpoints.
             parser.add_argument("--eval_draws", type=int, default=1,
                                 help="time/mask draws averaged per sequence in the validation and test NELBO (SEDD: 1000)")
@@ -503,28 +503,12 @@ def write_hparams(logger: Any, params: dict[str, Any]) -> None:
     logger.experiment.flush()
 
 
-def option_values(argv: list[str], option: str) -> list[str]:
-    """The values given to ``option`` as ``--option VALUE`` or ``--option=VALUE``."""
-    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
-    return values + [arg.split("=", 1)[1] for arg in argv if arg.startswith(f"{option}=")]
-
-
 def check_ckpt_argument(argv: list[str]) -> None:
-    """Validate a ``--ckpt_path FILE`` before LightningCLI reads it (it would fail with a traceback)."""
+    """Read a ``--ckpt_path FILE`` before LightningCLI does: a corrupt one then gives one line, not a
+    traceback (preflight has already checked that the file exists)."""
     for value in option_values(argv, "--ckpt_path"):
-        if value not in ("last", "best", "null"):
+        if value not in CHECKPOINT_WORDS:
             load_checkpoint(value)
-
-
-def check_method_argument(argv: list[str]) -> None:
-    """``--model NAME`` must name a method (jsonargparse would ask for a class path instead)."""
-    names = [value for value in option_values(argv, "--model") if value.isidentifier()]
-    if not names:
-        return
-    known = method_names()  # the registry: no torch import
-    for name in names:
-        if name not in known:
-            raise UsageError(f"--model {name} is not a method; choose one of {', '.join(known)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -533,7 +517,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_command_line(argv, LIGHTNING_COMMANDS)  # before torch: seconds sooner
         if argv[:1] and argv[0] in LIGHTNING_COMMANDS:
-            check_method_argument(argv)
             check_ckpt_argument(argv)
             lightning_cli(None if from_command_line else argv)
         else:

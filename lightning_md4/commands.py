@@ -217,13 +217,9 @@ def genppl(ckpt_path: str, scorer: str = "gpt2-large", num_samples: PositiveInt 
 
     device = resolve_device(device)
     ckpt = FitCheckpoint.read(ckpt_path)
-    # The scorer is checked before anything is sampled.
-    if is_checkpoint_path(scorer):
-        ar_scorer, scorer_lm = load_ar_scorer(scorer, ckpt, device), None
-    else:
-        ar_scorer, (scorer_lm, scorer_tokenizer) = None, load_causal_lm(scorer, device)
     # Samples become text by the data's tokenizer (word pieces), else by the data module's own
-    # decoding (characters); a causal LM needs text.
+    # decoding (characters); a causal LM needs text. Checked, like the scorer, before anything is
+    # loaded onto the device or sampled (a hub scorer is gigabytes).
     if tokenizer is not None or "tokenizer" in ckpt.data_hparams:
         text_tokenizer = load_tokenizer(tokenizer or ckpt.tokenizer)
 
@@ -231,9 +227,13 @@ def genppl(ckpt_path: str, scorer: str = "gpt2-large", num_samples: PositiveInt 
             return [text_tokenizer.decode(row.tolist()) for row in tokens]
     else:
         decode = ckpt.datamodule().decode
-        if decode(torch.zeros(1, 1, dtype=torch.long)) is None and scorer_lm is not None:
+        if decode(torch.zeros(1, 1, dtype=torch.long)) is None and not is_checkpoint_path(scorer):
             raise UsageError(f"{ckpt_path} is a model of {ckpt.data_hparams.get('_class_path')}, not of text; a causal "
                              "language model scores text: pass --scorer an AR checkpoint of the same data")
+    if is_checkpoint_path(scorer):
+        ar_scorer, scorer_lm = load_ar_scorer(scorer, ckpt, device), None
+    else:
+        ar_scorer, (scorer_lm, scorer_tokenizer) = None, load_causal_lm(scorer, device)
     model = ckpt.model(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = []

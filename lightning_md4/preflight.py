@@ -39,7 +39,7 @@ DATA_PACKAGE = "datamodules"
 # (tests/test_preflight.py compares them with `md4 fit --help`).
 SECTIONS = ("config", "print_config", "help", "seed_everything", "trainer", "model", "data", "optimizer",
             "lr_scheduler", "ckpt_path", "weights_only", "eval_draws", "eval_T", "random_weights", "strict_resume")
-CHECKPOINT_WORDS = ("last", "best", "null", "None")
+CHECKPOINT_WORDS = ("last", "best", "null")
 
 
 def option_values(argv: list[str], *options: str) -> list[str]:

@@ -259,6 +259,18 @@ def test_bad_scorer_arguments_are_one_line_errors(tmp_path, corpus):
         f"md4: error: --scorer: checkpoint {tmp_path / 'junk.ckpt'} is corrupt or not a PyTorch checkpoint")
 
 
+def test_a_model_of_no_text_is_refused_before_a_hub_scorer_loads(tmp_path, monkeypatch):
+    digits = save_checkpoint(tmp_path / "digits.ckpt", MD4(17, 64, network=TINY),
+                             {"_class_path": "datamodules.DigitsDataModule"})
+
+    def never(*args, **kwargs):
+        raise AssertionError("the causal LM was loaded before the checkpoint's data was checked")
+
+    monkeypatch.setattr("lightning_md4.evaluation.load_causal_lm", never)
+    message = one_line_error(["genppl", "--ckpt_path", str(digits), "--device", "cpu", "--scorer", "gpt2-large"])
+    assert "is a model of datamodules.DigitsDataModule, not of text" in message
+
+
 def test_vocabulary_of_word_piece_data_is_its_tokenizer():
     gpt2 = {"data module": "datamodules.OpenWebTextDataModule", "vocab_size": 50258, "tokenizer": "gpt2"}
     assert vocabulary_difference(gpt2, dict(gpt2)) is None

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from conftest import md4
 from exact import empirical_tv, mc_tolerance
 from lightning_md4.cli import command_parser
+from lightning_md4.commands import UsageError
+from lightning_md4.preflight import check_command_line
 from lightning_md4.diffusion.base import DiffusionProcess
 from lightning_md4.diffusion.exact import EnumeratedLaw
 from lightning_md4.modules.md4 import MD4
@@ -252,9 +254,9 @@ def test_a_registered_method_joins_the_contract_and_the_help(throwaway):
         check(cases[0])
     help_text = command_parser().format_help()
     assert re.search(r"^  Throwaway +a test's throwaway method$", help_text, re.M), help_text
-    from lightning_md4.cli import check_method_argument
-
-    check_method_argument(["fit", "--model", "Throwaway"])  # a known method: no error
+    check_command_line(["fit", "--model", "Throwaway"])  # a known method: no error
+    with pytest.raises(UsageError, match="--model Throwawy is not a method"):
+        check_command_line(["fit", "--model", "Throwawy"])
 
 
 def test_an_unregistered_method_is_gone(throwaway):

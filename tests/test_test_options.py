@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import md4
-from lightning_md4.cli import conflict_line, eval_options, flat_options, main, reconcile_options, with_options
+from conftest import md4, one_line_error
+from lightning_md4.cli import conflict_line, eval_options, flat_options, reconcile_options, with_options
 from lightning_md4.modules.registry import methods
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,11 +142,7 @@ def test_other_options_that_differ_from_the_checkpoint_are_refused_in_one_line(m
     common = ["--config", DIGITS, f"--trainer.default_root_dir={run}", *SMALL]
 
     def refused(*argv: str) -> str:  # in-process: the refusal comes before anything runs
-        with pytest.raises(SystemExit) as exit_info:
-            main(list(argv))
-        message = exit_info.value.code
-        assert isinstance(message, str) and message.startswith("md4: error: ") and "\n" not in message, message
-        return message
+        return one_line_error(list(argv))
 
     for command in ("test", "validate"):
         for ckpt in (str(md4_ckpt), "last"):
