@@ -63,16 +63,16 @@ def _fsync_file(path: Path) -> None:
 
 @contextmanager
 def atomic_file(path: str | os.PathLike[str], mode: str = "wb", *, encoding: str | None = None,
-                clean_stale: bool = False) -> Iterator[IO[Any]]:
+                clean_stale: bool = False, durable: bool = True) -> Iterator[IO[Any]]:
     """An open file (``mode`` ``"wb"`` or ``"w"``) whose content replaces ``path`` when the block ends
     without an error; on an error ``path`` is left as it was.
 
     Creates the parent folders. ``clean_stale`` first removes what killed writes of ``path`` left
-    (:func:`remove_stale`).
+    (:func:`remove_stale`). ``durable=False`` skips the fsyncs (see :func:`atomic_path`).
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_file writes a new file: mode 'wb' or 'w', not {mode!r}")
-    with atomic_path(path, clean_stale=clean_stale) as tmp:
+    with atomic_path(path, clean_stale=clean_stale, durable=durable) as tmp:
         # os.open applies the umask like a plain open would (mkstemp would make the file 0600).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, mode, encoding=encoding if mode == "w" else None) as file:
@@ -81,7 +81,8 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb", *, encoding: str
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str], *, folder: bool = False, clean_stale: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, folder: bool = False, clean_stale: bool = False,
+                durable: bool = True) -> Iterator[Path]:
     """A temporary name beside ``path`` for writers that open by name (``np.lib.format.open_memmap``),
     or with ``folder`` an empty temporary folder to fill; what is there when the block ends without an
     error is fsynced and renamed onto ``path``. On an error it is removed and ``path`` left as it was.
@@ -89,6 +90,10 @@ def atomic_path(path: str | os.PathLike[str], *, folder: bool = False, clean_sta
     A folder replaces an existing folder at ``path`` (a stale copy is removed first). If another
     process renames its own folder into place between that removal and the rename,
     ``FileExistsError`` is raised and ``path`` holds the other process's folder.
+
+    ``durable=False`` renames without the fsyncs: still never torn for a reader, but a machine crash
+    may lose the write. For files rewritten every second in a training loop (a sweep's progress),
+    where two fsyncs per write would cost more than the file is worth.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,21 +118,24 @@ def atomic_path(path: str | os.PathLike[str], *, folder: bool = False, clean_sta
                     raise FileExistsError(errno.EEXIST, "another process created it first", str(path)) from err
                 raise
         else:
-            _fsync_file(tmp)
+            if durable:
+                _fsync_file(tmp)
             os.replace(tmp, path)
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
-    fsync_folder(path.parent)
+    if durable:
+        fsync_folder(path.parent)
 
 
-def write_atomic(path: str | os.PathLike[str], data: str | bytes, encoding: str = "utf-8") -> None:
+def write_atomic(path: str | os.PathLike[str], data: str | bytes, encoding: str = "utf-8",
+                 durable: bool = True) -> None:
     """``Path.write_text`` or ``write_bytes`` through :func:`atomic_file`."""
     if isinstance(data, bytes):
-        with atomic_file(path, "wb") as file:
+        with atomic_file(path, "wb", durable=durable) as file:
             file.write(data)
     else:
-        with atomic_file(path, "w", encoding=encoding) as file:
+        with atomic_file(path, "w", encoding=encoding, durable=durable) as file:
             file.write(data)

@@ -58,8 +58,9 @@ def read_progress(trial_dir: Path) -> dict[str, Any]:
 
 
 def write_progress(trial_dir: Path, record: dict[str, Any]) -> None:
-    """Replace ``progress.json`` atomically (the worker may read it at any moment)."""
-    write_atomic(progress_path(trial_dir), json.dumps(record))
+    """Replace ``progress.json`` atomically (the worker may read it at any moment); not fsynced: it is
+    rewritten every second from the training loop, and a crash only loses a heartbeat."""
+    write_atomic(progress_path(trial_dir), json.dumps(record), durable=False)
 
 
 class OptunaTrial(pl.Callback):

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from lightning_md4 import atomic
 from lightning_md4.atomic import atomic_file, atomic_path, write_atomic
 
 
@@ -94,3 +95,13 @@ def test_another_process_that_renamed_its_folder_first_is_reported(tmp_path, mon
 def test_it_imports_no_torch():
     code = "import sys, lightning_md4.atomic\nassert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_decides_the_fsyncs_not_the_rename(tmp_path, monkeypatch, durable):
+    synced = []
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(fd))
+    target = tmp_path / "progress.json"
+    atomic.write_atomic(target, "{}", durable=durable)
+    assert target.read_text() == "{}" and not list(tmp_path.glob(".*.tmp"))
+    assert bool(synced) == durable  # the file and its folder, or neither
