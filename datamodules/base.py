@@ -21,9 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 Item = dict[str, Any]
 
@@ -104,9 +103,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class _Blocks:
-    """The training order shared by :class:`ResumableRandomSampler` and
-    :class:`ResumableDistributedSampler`.
+class ResumableSampler(DistributedSampler):
+    """The shuffled training order of rank ``rank`` of ``num_replicas`` (one process: 1 and 0).
 
     Each epoch draws one seed from torch's global RNG, exactly as ``RandomSampler`` does (so one
     process sees the order it always did), and shuffles the training set with it. The global
@@ -120,12 +118,15 @@ class _Blocks:
     Every rank draws the same seed because ``seed_everything`` seeds every rank alike and the ranks
     draw from the global RNG alike (same shapes, same steps); nothing here communicates.
 
+    A ``DistributedSampler``, also on one process, so that a parallel strategy (DDP, FSDP) leaves
+    the loader alone; ``set_epoch`` is ignored (the epoch's seed comes from the global RNG).
     :meth:`resume` makes the next iteration continue an epoch at a batch with its recorded seed.
     """
 
-    def _setup_blocks(self, size: int, batch_size: int, world: int, rank: int) -> None:
-        self.size, self.block, self.world, self.part = size, batch_size, world, rank
-        self.batches = size // (world * batch_size)  # per rank, per epoch
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, drop_last=True)
+        self.size, self.block, self.world, self.part = len(dataset), batch_size, num_replicas, rank
+        self.batches = self.size // (num_replicas * batch_size)  # per rank, per epoch
         self.seed: int | None = None  # the current epoch's seed, once its iteration has started
         self._resume_at: tuple[int, int] | None = None
 
@@ -147,50 +148,29 @@ class _Blocks:
         return self.batches * self.block
 
 
-class ResumableRandomSampler(_Blocks, RandomSampler):
-    """The shuffled training order of one process (see :class:`_Blocks`): ``RandomSampler``'s."""
-
-    def __init__(self, dataset: Dataset, batch_size: int) -> None:
-        RandomSampler.__init__(self, dataset)
-        self._setup_blocks(len(dataset), batch_size, 1, 0)
-
-
-class ResumableDistributedSampler(_Blocks, DistributedSampler):
-    """The shuffled training order of rank ``rank`` of ``num_replicas`` (see :class:`_Blocks`).
-
-    A ``DistributedSampler``, so that Lightning leaves the loader alone; ``set_epoch`` is ignored
-    (the epoch's seed comes from the global RNG, as on one process)."""
-
-    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int) -> None:
-        DistributedSampler.__init__(self, dataset, num_replicas=num_replicas, rank=rank, shuffle=True, drop_last=True)
-        self._setup_blocks(len(dataset), batch_size, num_replicas, rank)
-
-
 class ResumableLoader(DataLoader):
-    """The training loader, with its place in the epoch saved in checkpoints and restored on resume.
+    """The training loader, whose place in the epoch :class:`TokenDataModule` keeps in checkpoints
+    (its own part: the one route that works whether the loader is made before the checkpoint is
+    restored, as ``trainer.estimated_stepping_batches`` does when ``max_epochs`` is set, or after).
+    Without it, a run resumed mid-epoch shuffled the epoch anew from a reseeded RNG and trained on
+    other examples than the uninterrupted run would have. (The methods are not named
+    ``state_dict``/``load_state_dict``: Lightning would save a second copy through its fit loop.)
 
-    Lightning saves the ``state_dict`` of a training loader that has one in every checkpoint (the
-    fit loop's ``combined_loader``) and gives it back through ``load_state_dict`` before the
-    resumed run iterates it -- unless the loader was made before the checkpoint was restored, as
-    ``trainer.estimated_stepping_batches`` does in ``configure_optimizers`` when ``max_epochs`` is
-    set; :class:`TokenDataModule` therefore also keeps it in its own part of the checkpoint and
-    hands it to the loader it makes. Without it, a run resumed mid-epoch shuffled the epoch anew
-    from a reseeded RNG and trained on other examples than the uninterrupted run would have.
-
-    The state is the epoch's seed, the examples consumed in it (counted over all ranks, so a run
+    The place is the epoch's seed, the examples consumed in it (counted over all ranks, so a run
     may resume on another layout with the same global batch), and the global RNG states at the
     save (dropout, label dropout and random crops draw from them). The resumed iteration restores
     them just before it fetches its first batch, where the uninterrupted run went on from the same
     state (mid-epoch; a resumed iteration that starts a new epoch restores them before it makes its
     loader iterator, which draws from them as the uninterrupted run's did). Ranks' RNGs are in step
-    (see :class:`_Blocks`), so rank 0's, the one in the checkpoint, serves all. Random crops drawn
-    in worker processes (``num_workers > 0``) are not restored.
+    (see :class:`ResumableSampler`), so rank 0's, the one in the checkpoint, serves all. Random
+    crops drawn in worker processes (``num_workers > 0``) are not restored.
     """
 
     STATE_VERSION = 1
 
     def __iter__(self) -> Iterator[Any]:
-        sampler: _Blocks = self.sampler  # type: ignore[assignment]
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        self._iterated = True
         restore, self._restore = getattr(self, "_restore", None), None
         done = 0
         if restore is not None:
@@ -211,17 +191,24 @@ class ResumableLoader(DataLoader):
             self._done += 1
             yield batch
 
-    def state_dict(self) -> dict[str, Any]:
-        sampler: _Blocks = self.sampler  # type: ignore[assignment]
+    @property
+    def iterated(self) -> bool:
+        """Whether an iterator of this loader has been made (a place restored now would come late)."""
+        return getattr(self, "_iterated", False)
+
+    def place(self) -> dict[str, Any]:
+        """Where the loader is in its epoch, for a checkpoint; ``{}`` before it is iterated."""
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         if sampler.seed is None:  # not iterated yet
             return {}
         return {"version": self.STATE_VERSION, "seed": sampler.seed, "examples": self._done * sampler.world * sampler.block,
                 "global_batch": sampler.world * sampler.block, "rng": rng_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def resume_from(self, state: dict[str, Any]) -> None:
+        """Continue, at the next iteration, from a ``place`` of a checkpoint."""
         if not state:
             return
-        sampler: _Blocks = self.sampler  # type: ignore[assignment]
+        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         global_batch = sampler.world * sampler.block
         if state.get("version") != self.STATE_VERSION or state["examples"] % global_batch:
             rank_zero_warn(
@@ -432,28 +419,31 @@ class TokenDataModule(pl.LightningDataModule):
         if self.train_set is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
         world_size, rank = self._world()
-        # A parallel strategy (DDP, FSDP) replaces any other sampler by a DistributedSampler, also on one process.
-        parallel = self.trainer is not None and isinstance(getattr(self.trainer, "strategy", None), ParallelStrategy)
-        sampler = (ResumableDistributedSampler(self.train_set, self.batch_size, world_size, rank)
-                   if world_size > 1 or parallel else ResumableRandomSampler(self.train_set, self.batch_size))
+        sampler = ResumableSampler(self.train_set, self.batch_size, world_size, rank)
         loader = self._loader(self.train_set, self.batch_size, drop_last=True, sampler=sampler,
                               loader_class=ResumableLoader)
         if self._train_loader_state:
-            loader.load_state_dict(self._train_loader_state)
+            loader.resume_from(self._train_loader_state)
             self._train_loader_state = None
         self._train_loader = loader
         return loader
 
     def state_dict(self) -> dict[str, Any]:
         """The training loader's place in its epoch (see :class:`ResumableLoader`), for checkpoints."""
-        state = self._train_loader.state_dict() if self._train_loader is not None else {}
+        state = self._train_loader.place() if self._train_loader is not None else {}
         return {"train_loader": state} if state else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep a checkpoint's training loader state for the loader that ``train_dataloader`` makes next."""
         self._train_loader_state = state_dict.get("train_loader") or None
-        if self._train_loader_state and self._train_loader is not None:  # already made: resume it
-            self._train_loader.load_state_dict(self._train_loader_state)
+        loader = self._train_loader
+        if not self._train_loader_state or loader is None:
+            return
+        if loader.iterated:  # strategies that restore after the fit loop made its iterator (FSDP, DeepSpeed)
+            rank_zero_warn("the checkpoint's place in its epoch arrived after the training loader was iterated; "
+                           "the resumed run shuffles its epoch anew (not exactly the interrupted run)")
+            return
+        loader.resume_from(self._train_loader_state)  # made, not yet iterated (max_epochs): resume it
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self._first(self.val_set, self.val_examples))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from torch.utils.data import DistributedSampler, RandomSampler
+from torch.utils.data import DistributedSampler
 
 import datamodules.text8 as text8_module
 from datamodules import (
@@ -20,6 +20,7 @@ from datamodules import (
     Text8DataModule,
     UnrepeatedDistributedSampler,
 )
+from datamodules.base import ResumableSampler
 
 SPLIT = (9000, 500, 500)
 SEQ = 64  # 500 // 64 = 7 chunks per eval split, 52 characters dropped
@@ -73,7 +74,7 @@ def test_loaders_single_process():
     dm = DigitsDataModule(batch_size=100, eval_batch_size=64)
     dm.setup()
     train = dm.train_dataloader()
-    assert isinstance(train.sampler, RandomSampler) and train.drop_last
+    assert isinstance(train.sampler, ResumableSampler) and train.drop_last
     assert len(train) == 1437 // 100
     val = dm.val_dataloader()
     assert not val.drop_last and _indices(val) == list(range(180))  # in order, last batch kept
