@@ -19,6 +19,7 @@ and with the exact denoiser, which each process derives from the law (``exact_de
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -193,8 +194,32 @@ def check_only_active_positions_change(case: Case, batch: int = 512) -> None:
     assert not any(changed for _, changed in calls), "a step changed a position it was not given as active"
 
 
+def check_time_dependence_is_declared(case: Case) -> None:
+    """The registration's ``time_dependent`` (which turns the network's t input on) says whether the
+    exact denoiser's output changes with t at a fixed x_t: checked on every x_t at two times, with
+    the module's own parameters outside the network drawn at random (GenMD4's exponents: a
+    schedule that is not the same for every token)."""
+    model = case.build()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not name.startswith("net."):
+                parameter.copy_(torch.randn_like(parameter))
+    state_space = dict(case.options).get("state_space", case.method.state_spaces[0])
+    values = V + 1 if state_space == "absorbing" else V
+    xt = torch.tensor(list(itertools.product(range(values), repeat=N)))
+    exact, process = model.process.exact_denoiser(LAW), model.process
+    outputs = []
+    for u in (0.3, 0.7):
+        time = torch.tensor(u, dtype=torch.float64)
+        if isinstance(process, DiffusionProcess):  # AR has no time: its network is given u, and ignores it
+            time = process.network_time(process.time_from_uniform(time))
+        outputs.append(torch.log_softmax(exact(xt, time.expand(len(xt))).double(), -1))
+    changes = not torch.allclose(*outputs, rtol=1e-9, atol=1e-12)
+    assert changes == case.method.posterior_depends_on_time(state_space), (case.id, changes)
+
+
 CHECKS = [check_expected_nelbo, check_module_nelbo, check_sampler_law, check_given_tokens_kept,
-          check_only_active_positions_change]
+          check_only_active_positions_change, check_time_dependence_is_declared]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -220,6 +245,11 @@ def test_given_tokens_are_kept(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_a_step_changes_only_active_positions(case):
     check_only_active_positions_change(case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_time_dependence_is_what_the_method_declares(case):
+    check_time_dependence_is_declared(case)
 
 
 def test_every_method_file_is_checked():
