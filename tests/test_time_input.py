@@ -9,6 +9,7 @@ network checks the values themselves against references computed here by hand in
 from __future__ import annotations
 
 import math
+import typing
 
 import pytest
 import torch
@@ -145,6 +146,15 @@ def documented_input(model, t: Tensor) -> Tensor:
     return t
 
 
+def non_linear_schedule(cls: type) -> dict[str, str]:
+    """``schedule="cosine"`` where the class offers it: under the linear schedule 1 - alpha(t) = t,
+    so a module feeding the masking probability instead of t would pass unseen."""
+    hint = typing.get_type_hints(cls.__init__).get("schedule")
+    parts = [hint] if typing.get_origin(hint) is typing.Literal else typing.get_args(hint)  # Literal or Optional
+    choices = {arg for part in parts if typing.get_origin(part) is typing.Literal for arg in typing.get_args(part)}
+    return {"schedule": "cosine"} if "cosine" in choices else {}
+
+
 # Every registered method, in each of its state spaces (a new method is checked without a new line
 # here; one whose network sees something else than t fails until documented_input knows it).
 VARIANTS = [(m, options) for m in methods() for options in m.variants() if "sampler" not in options or
@@ -157,7 +167,7 @@ VARIANTS = [(m, options) for m in methods() for options in m.variants() if "samp
 def test_modules_feed_the_documented_time(method, options):
     """The modules pass their evaluation times to the process untouched: the network sees the
     documented function of the keyed times."""
-    model = method.cls(V, N, network=TINY, **options)
+    model = method.cls(V, N, network=TINY, **options, **non_linear_schedule(method.cls))
     model.net = TimeRecorder(V)
     batch = {"x0": x0_batch(), "index": torch.tensor([3, 11, 40])}
     # A method without evaluation noise (AR: its likelihood is exact) draws no time.
