@@ -169,3 +169,12 @@ def test_refusal_is_the_last_line_of_the_command(md4_ckpt):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "NELBO" not in proc.stdout
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("md4: error: --model.init_args.network.dropout 0.0 differs from the checkpoint's 0.1")
+
+
+@pytest.mark.slow
+def test_options_given_nowhere_are_the_checkpoints(tmp_path_factory):
+    """A checkpoint fitted with eval_seed 1, scored with no eval_seed option: the model is rebuilt
+    with the checkpoint's value (not the class default 0), so it prints eval_seed 1's number."""
+    seeded_fit = fit(tmp_path_factory.mktemp("options") / "seeded", "--model.init_args.eval_seed=1")
+    assert score("test", seeded_fit) == score("test", seeded_fit, "--model.init_args.eval_seed=1") \
+        != score("test", seeded_fit, "--model.init_args.eval_seed=0")
